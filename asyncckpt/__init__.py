@@ -1,0 +1,5 @@
+"""asyncckpt: asynchronous, atomic checkpoints for PyTorch training."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
