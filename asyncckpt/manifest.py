@@ -1,0 +1,232 @@
+"""The manifest: the record whose presence makes a checkpoint exist.
+
+Pure: no torch, no I/O.  A manifest is strict, versioned JSON with
+``format_version`` first and snake_case keys, readable by anything that reads
+JSON.  ``Manifest.from_json(m.to_json()) == m`` always holds.
+
+On disk a checkpoint is ``<root>/step-0000000500/`` holding DCP shard files,
+DCP's ``.metadata`` and ``manifest.json``, which is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STEP_DIR_PATTERN = re.compile(r"step-(\d{10})")
+_MAX_STEP = 10**10 - 1
+
+
+def step_dir_name(step: int) -> str:
+    """The folder name of a step: ``step-`` and ten zero-padded digits."""
+    check_step(step)
+    return f"step-{step:010d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step a folder name stands for, or None if it is not a step folder."""
+    m = STEP_DIR_PATTERN.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def check_step(step: object) -> int:
+    """Validate a step number: a non-negative int (bools are refused)."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise _step_error(step, "a non-negative integer")
+    if step < 0 or step > _MAX_STEP:
+        raise _step_error(step, f"an integer in [0, {_MAX_STEP}]")
+    return step
+
+
+def _step_error(step: object, expected: str) -> Exception:
+    from .errors import ConfigError
+
+    return ConfigError(f"step={step!r} is not valid: expected {expected}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    """One file of a checkpoint, relative to its folder."""
+
+    path: str
+    """File name inside the checkpoint folder."""
+    size: int
+    """Size in bytes as stored."""
+    checksum: str | None = None
+    """Digest of the stored bytes, ``"crc32:%08x"``; None when not recorded."""
+    codec: str | None = None
+    """How tensors inside the file are encoded: ``"zstd"`` or None for plain DCP."""
+    rank: int | None = None
+    """The rank that wrote the file; None for files written by the coordinator alone."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "checksum": self.checksum,
+                "codec": self.codec, "rank": self.rank}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything known about one committed checkpoint."""
+
+    step: int
+    epoch: int | None = None
+    time: str = ""
+    """UTC time of the save, ISO 8601 with a ``Z`` suffix."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    world_size: int = 1
+    files: tuple[FileEntry, ...] = ()
+    param_count: int = 0
+    codec: str | None = None
+    torch_version: str = ""
+    git_commit: str | None = None
+    host: str = ""
+    device: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry | None:
+        return next((f for f in self.files if f.path == path), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "step": self.step,
+            "epoch": self.epoch,
+            "time": self.time,
+            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "tags": list(self.tags),
+            "world_size": self.world_size,
+            "param_count": self.param_count,
+            "codec": self.codec,
+            "torch_version": self.torch_version,
+            "git_commit": self.git_commit,
+            "host": self.host,
+            "device": self.device,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "<manifest>") -> "Manifest":
+        """Parse a manifest strictly; anything malformed raises CorruptCheckpointError."""
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(source, "JSON", "unparsable text", str(e)) from e
+        if not isinstance(raw, dict):
+            raise CorruptCheckpointError(source, "a JSON object", type(raw).__name__)
+        return _parse(raw, source)
+
+
+def _json_float(v: float) -> float | str:
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+_REQUIRED = ("format_version", "step", "time", "world_size", "files")
+
+
+def _parse(raw: dict[str, Any], source: str) -> Manifest:
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise CorruptCheckpointError(source, f"keys {list(_REQUIRED)}", f"missing {missing}")
+    version = raw["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise CorruptCheckpointError(source, "an integer format_version", repr(version))
+    if version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            source, f"format_version <= {FORMAT_VERSION}", version,
+            "written by a newer asyncckpt; upgrade to read it")
+    try:
+        files = tuple(_parse_file(f) for f in raw["files"])
+        return Manifest(
+            format_version=version,
+            step=check_step(raw["step"]),
+            epoch=_opt_int(raw.get("epoch")),
+            time=str(raw["time"]),
+            metrics={str(k): float(v) for k, v in (raw.get("metrics") or {}).items()},
+            tags=tuple(str(t) for t in raw.get("tags") or ()),
+            world_size=int(raw["world_size"]),
+            files=files,
+            param_count=int(raw.get("param_count") or 0),
+            codec=raw.get("codec"),
+            torch_version=str(raw.get("torch_version") or ""),
+            git_commit=raw.get("git_commit"),
+            host=str(raw.get("host") or ""),
+            device=str(raw.get("device") or ""),
+        )
+    except (TypeError, ValueError, KeyError) as e:
+        raise CorruptCheckpointError(source, "a valid manifest", "malformed field", str(e)) from e
+
+
+def _opt_int(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer or null, got {v!r}")
+    return v
+
+
+def _parse_file(f: Any) -> FileEntry:
+    if not isinstance(f, dict) or "path" not in f or "size" not in f:
+        raise ValueError(f"file entry {f!r} lacks path or size")
+    path = str(f["path"])
+    if "/" in path or path in ("", ".", ".."):
+        raise ValueError(f"file entry path {path!r} must be a plain file name")
+    return FileEntry(path=path, size=int(f["size"]), checksum=f.get("checksum"),
+                     codec=f.get("codec"), rank=_opt_int(f.get("rank")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointInfo:
+    """A committed checkpoint as ``CheckpointManager.list()`` reports it."""
+
+    step: int
+    epoch: int | None
+    path: str
+    """URL of the checkpoint folder (credentials never included)."""
+    time: str
+    bytes: int
+    metrics: Mapping[str, float]
+    tags: tuple[str, ...]
+    committed: bool = True
+
+    @classmethod
+    def from_manifest(cls, m: Manifest, path: str, extra_tags: Sequence[str] = ()) -> "CheckpointInfo":
+        tags = tuple(dict.fromkeys((*m.tags, *extra_tags)))
+        return cls(step=m.step, epoch=m.epoch, path=path, time=m.time, bytes=m.total_bytes,
+                   metrics=dict(m.metrics), tags=tags)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "path": self.path, "time": self.time,
+                "bytes": self.bytes, "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+                "tags": list(self.tags), "committed": self.committed}
+
+
+def select(manifests: Iterable[Manifest], which: int | str, root: str) -> Manifest:
+    """Pick ``"latest"`` or a step number out of committed manifests."""
+    by_step = {m.step: m for m in manifests}
+    if which == "latest":
+        if not by_step:
+            raise CheckpointNotFoundError("to restore", root, ())
+        return by_step[max(by_step)]
+    if isinstance(which, str) and which.isdigit():
+        which = int(which)
+    step = check_step(which)
+    if step not in by_step:
+        raise CheckpointNotFoundError(f"at step {step}", root, by_step)
+    return by_step[step]

@@ -1,0 +1,266 @@
+"""The background half of a save: write shards, commit, then post-commit work.
+
+One writer thread per manager takes staged saves off a queue in order and,
+for each: writes the DCP checkpoint through ``CheckpointWriter`` (every file
+durable before it returns), gathers every rank's file list over the CPU group,
+and has rank 0 publish ``manifest.json`` last.  Then it runs the post-commit
+hook (retention, mirroring).
+
+A failure is logged, kept on the save's handle, and latched: the manager
+raises it on its next ``save()``/``wait()``/``close()``, unless
+``on_error="warn"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+
+from . import _dist
+from .codec import CodecOptions
+from .dcp_io import CheckpointWriter, unwrap_failures
+from .errors import AsyncCkptError, SaveError
+from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, step_dir_name
+from .planner import SavePlanner
+from .staging import Staged
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+# DCP warns on every single-process save; a single process is a supported mode here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class SaveHandle:
+    """The future of one save.  ``done()`` never blocks."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.bytes_staged = 0
+        """Bytes this rank copied off the training state."""
+        self.bytes_written = 0
+        """Bytes this rank wrote to storage."""
+        self.bytes_per_rank: dict[int, int] = {}
+        """Bytes written by each rank (known on every rank once committed)."""
+        self.stall_s = 0.0
+        """Seconds ``save()`` held the training thread."""
+        self._staged = threading.Event()
+        self._finished = threading.Event()
+        self._info: CheckpointInfo | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def staged(self, timeout: float | None = None) -> bool:
+        """Block until staging is over; False if ``timeout`` passed first."""
+        return self._staged.wait(timeout)
+
+    def committed(self, timeout: float | None = None) -> bool:
+        """Block until the save has committed or failed; False if ``timeout`` passed first."""
+        return self._finished.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        """The committed checkpoint, or the save's error raised."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"save of step {self.step} not committed after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        assert self._info is not None
+        return self._info
+
+    def exception(self) -> BaseException | None:
+        return self._error if self._finished.is_set() else None
+
+    def _set_staged(self, nbytes: int, stall_s: float) -> None:
+        self.bytes_staged, self.stall_s = nbytes, stall_s
+        self._staged.set()
+
+    def _finish(self, info: CheckpointInfo | None, error: BaseException | None) -> None:
+        self._info, self._error = info, error
+        self._staged.set()
+        self._finished.set()
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error else "committed" if self.done() else "pending"
+        return f"SaveHandle(step={self.step}, {state})"
+
+
+@dataclass
+class SaveJob:
+    """A staged save waiting for the writer thread."""
+
+    handle: SaveHandle
+    staged: Staged
+    manifest: Manifest
+    """The manifest to publish, without its files (filled in after the write)."""
+    overwrite: bool = False
+    on_commit: list[Callable[[Manifest], None]] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class Pipeline:
+    """The writer thread and its queue."""
+
+    def __init__(self, storage: Storage, *, codec: CodecOptions | None, group: Any,
+                 rank: int, max_pending: int = 2, writer_threads: int = 2,
+                 on_error: str = "raise",
+                 after_commit: Callable[[Manifest], None] | None = None) -> None:
+        self.storage = storage
+        self.codec = codec
+        self.group = group
+        self.rank = rank
+        self.on_error = on_error
+        self.after_commit = after_commit
+        self.writer_threads = writer_threads
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._pending: list[SaveHandle] = []
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._codec_pool = (ThreadPoolExecutor(writer_threads, thread_name_prefix="asyncckpt-zstd")
+                            if codec is not None and writer_threads > 1 else None)
+        self._closed = False
+
+    # -- called from the training thread ------------------------------------------
+    def submit(self, job: SaveJob) -> None:
+        if self._closed:
+            raise AsyncCkptError("the checkpoint manager is closed")
+        if not self._slots.acquire(blocking=False):
+            log.warning("step=%d rank=%d: the writer is behind; waiting for a pending save "
+                        "to finish writing", job.handle.step, self.rank)
+            self._slots.acquire()
+        with self._lock:
+            self._pending.append(job.handle)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
+            self._thread.start()
+        self._queue.put(job)
+
+    def pending_steps(self) -> set[int]:
+        with self._lock:
+            return {h.step for h in self._pending if not h.done()}
+
+    def raise_pending(self) -> None:
+        """Raise a background failure latched since the last call (on_error="raise")."""
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None and self.on_error == "raise":
+            raise err
+
+    def wait(self) -> None:
+        with self._lock:
+            handles = list(self._pending)
+        for h in handles:
+            h.committed()
+        self.raise_pending()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._thread is not None:
+                self._queue.put(_STOP)
+                self._thread.join()
+            if self._codec_pool is not None:
+                self._codec_pool.shutdown()
+
+    # -- the writer thread ----------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            try:
+                self._process(job)
+            finally:
+                with self._lock:
+                    self._pending = [h for h in self._pending if h is not job.handle]
+                self._slots.release()
+                del job
+
+    def _process(self, job: SaveJob) -> None:
+        step, started = job.handle.step, time.monotonic()
+        try:
+            manifest = self._write_and_commit(job)
+        except BaseException as e:  # noqa: BLE001 - kept on the handle and latched
+            err = e if isinstance(e, SaveError) else SaveError(step, {self.rank: e})
+            err.__cause__ = e if err is not e else e.__cause__
+            log.error("step=%d rank=%d: save failed: %s", step, self.rank, err)
+            self._latch(err)
+            job.handle._finish(None, err)
+            return
+        info = CheckpointInfo.from_manifest(manifest, self.storage.url_of(step_dir_name(step)))
+        log.info("step=%d rank=%d: committed %d bytes in %.2fs", step, self.rank,
+                 manifest.total_bytes, time.monotonic() - started)
+        job.handle._finish(info, None)
+        self._post_commit(manifest, job)
+
+    def _post_commit(self, manifest: Manifest, job: SaveJob) -> None:
+        hooks = ([self.after_commit] if self.after_commit else []) + job.on_commit
+        for hook in hooks:
+            try:
+                hook(manifest)
+            except Exception as e:  # noqa: BLE001 - latched, never lost
+                log.error("step=%d rank=%d: post-commit work failed: %s", manifest.step, self.rank, e)
+                self._latch(e)
+
+    def _latch(self, err: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = err
+
+    def _write_and_commit(self, job: SaveJob) -> Manifest:
+        step = job.handle.step
+        folder = self.storage.child(step_dir_name(step))
+        if self.rank == 0:
+            self._clear_folder(folder, job.overwrite)
+        _dist.barrier(self.group)
+        writer = CheckpointWriter(folder, codec=self.codec, thread_count=self.writer_threads,
+                                  executor=self._codec_pool)
+        try:
+            dcp.save(job.staged.state_dict, storage_writer=writer, planner=SavePlanner(),
+                     process_group=self.group, no_dist=self.group is None)
+        except Exception as e:
+            raise SaveError(step, unwrap_failures(e)) from e
+        job.handle.bytes_written = writer.bytes_written
+        per_rank = _dist.all_gather_object((self.rank, writer.bytes_written, writer.files), self.group)
+        job.handle.bytes_per_rank = {r: n for r, n, _ in per_rank}
+        files = tuple(sorted((f for _, _, fs in per_rank for f in fs), key=lambda f: f.path))
+        manifest = replace(job.manifest, files=files)
+        outcome: str | None = None
+        if self.rank == 0:
+            try:
+                folder.put_atomic(MANIFEST_NAME, manifest.to_json().encode(), create_only=True)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it
+                outcome = f"{type(e).__name__}: {e}"
+        outcome = _dist.broadcast_object(outcome, self.group)
+        if outcome is not None:
+            raise SaveError(step, {0: outcome})
+        return manifest
+
+    def _clear_folder(self, folder: Storage, overwrite: bool) -> None:
+        """Make way for a new write: leftovers of a crash, or an overwritten checkpoint."""
+        if folder.exists(MANIFEST_NAME):
+            if not overwrite:
+                from .errors import CheckpointExistsError
+
+                raise CheckpointExistsError(f"{folder.url} is already committed")
+            log.warning("overwriting committed checkpoint %s", folder.url)
+            folder.remove(MANIFEST_NAME)
+        if folder.list_files():
+            folder.remove("", recursive=True)

@@ -1,0 +1,271 @@
+"""TrainState: what a checkpoint holds, as a DCP state dict and back.
+
+Tensors come from ``torch.distributed.checkpoint.state_dict`` (so DDP, FSDP2
+and plain modules all give fully qualified names without wrapper prefixes).
+Everything that is not a tensor (scheduler, dataloader position, RNG states,
+``extra``) is serialised into a blob at ``save()`` time with ``torch.save``
+(capturing it early freezes its value) and read back by
+``planner.SafeLoadPlanner`` with ``torch.load(weights_only=True)``, so reading
+never runs code from the checkpoint.
+
+Layout of the state dict handed to DCP::
+
+    model/<name>      model state (one key per model; "model" for a single one)
+    optim/<name>      optimizer state, keyed by parameter FQN
+    scheduler         blob: {name: scheduler.state_dict()}
+    extra             blob: the user's plain values
+    rank_<r>/rng      blob: python, numpy, torch CPU and CUDA generator states
+    rank_<r>/dataloader  blob: {name: loader.state_dict()}
+
+Per-rank objects live under ``rank_<r>`` so DCP's de-duplication of identical
+keys across ranks never drops one rank's RNG or loader position.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .errors import ConfigError, StateMismatchError
+
+log = logging.getLogger(__name__)
+
+PARTS = ("model", "optimizer", "scheduler", "dataloader", "rng", "extra")
+_PLAIN = (int, float, str, bool, bytes, type(None), torch.Tensor)
+
+
+def _as_dict(obj: Any, default_name: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return {default_name: obj}
+
+
+def _require(obj: Any, where: str, methods: tuple[str, ...] = ("state_dict", "load_state_dict")) -> None:
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        raise ConfigError(f"TrainState {where}: {type(obj).__name__} object has no "
+                          f"{' or '.join(missing)}(); expected an object with state_dict() "
+                          "and load_state_dict()")
+
+
+def check_plain(value: Any, where: str) -> None:
+    """Refuse values that could not be read back safely (custom classes, functions)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise ConfigError(f"{where}: key {k!r} must be a str or int")
+            check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise ConfigError(f"{where}={value!r} is a {type(value).__name__}; expected plain values "
+                          "(int, float, str, bool, None, bytes, tensors, and lists/dicts of them)")
+
+
+def to_blob(obj: Any) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [t.clone() for t in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    random.setstate(_tupleize(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        np.random.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"],
+                             s["has_gauss"], s["cached"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        count = min(len(cuda), torch.cuda.device_count())
+        for i in range(count):
+            torch.cuda.set_rng_state(cuda[i], i)
+
+
+def _tupleize(v: Any) -> Any:
+    return tuple(_tupleize(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+class TrainState:
+    """The parts of a training run a checkpoint saves and restores.
+
+    ``model`` and ``optimizer`` may be single objects or dicts of several.
+    ``scheduler`` and ``dataloader`` (e.g. torchdata's StatefulDataLoader) may
+    be anything with ``state_dict``/``load_state_dict``, or dicts of them.
+    ``extra`` is a dict of plain values restored in place.  ``rng`` saves and
+    restores python, numpy, torch CPU and every CUDA generator.
+    """
+
+    def __init__(self, model: nn.Module | Mapping[str, nn.Module] | None = None,
+                 optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
+                 scheduler: Any = None, dataloader: Any = None,
+                 extra: dict[str, Any] | None = None, rng: bool = True) -> None:
+        self.models = _as_dict(model, "model")
+        self.optimizers = _as_dict(optimizer, "optimizer")
+        self.schedulers = _as_dict(scheduler, "scheduler")
+        self.dataloaders = _as_dict(dataloader, "dataloader")
+        self.extra = extra if extra is not None else {}
+        self.rng = bool(rng)
+        for kind, objs in (("model", self.models), ("optimizer", self.optimizers),
+                           ("scheduler", self.schedulers), ("dataloader", self.dataloaders)):
+            for name in objs:
+                if not isinstance(name, str) or not name or "." in name or "/" in name:
+                    raise ConfigError(f"TrainState {kind} name {name!r} is not valid: expected a "
+                                      "non-empty string without '.' or '/'")
+        for name, m in self.models.items():
+            if not isinstance(m, nn.Module):
+                _require(m, f"model {name!r}")
+                raise ConfigError(f"TrainState model {name!r} is a {type(m).__name__}; "
+                                  "expected a torch.nn.Module")
+        for name, o in self.optimizers.items():
+            _require(o, f"optimizer {name!r}")
+            if not self.models:
+                raise ConfigError(f"TrainState optimizer {name!r} needs its model: pass model=")
+        for kind, objs in (("scheduler", self.schedulers), ("dataloader", self.dataloaders)):
+            for name, obj in objs.items():
+                _require(obj, f"{kind} {name!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"TrainState extra is a {type(self.extra).__name__}; expected a dict")
+
+    # -- helpers --------------------------------------------------------------
+    def _model_for(self, opt_name: str) -> nn.Module:
+        if opt_name in self.models:
+            return self.models[opt_name]
+        if len(self.models) == 1:
+            return next(iter(self.models.values()))
+        return nn.ModuleDict(self.models)
+
+    def param_count(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for m in self.models.values():
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
+
+    def trainable_param_count(self) -> int:
+        return sum(p.numel() for m in self.models.values() for p in m.parameters() if p.requires_grad)
+
+    # -- save side ----------------------------------------------------------------
+    def tensors(self, parts: Iterable[str] = PARTS) -> dict[str, Any]:
+        """Live model and optimizer state (no copy) for the chosen parts."""
+        parts = set(parts)
+        out: dict[str, Any] = {}
+        if "model" in parts:
+            for name, m in self.models.items():
+                out[f"model/{name}"] = get_model_state_dict(m, options=StateDictOptions())
+        if "optimizer" in parts:
+            for name, o in self.optimizers.items():
+                out[f"optim/{name}"] = get_optimizer_state_dict(self._model_for(name), o)
+        return out
+
+    def objects(self, rank: int, parts: Iterable[str] = PARTS) -> dict[str, Any]:
+        """Everything that is not a tensor, serialised now (its value at this moment)."""
+        parts = set(parts)
+        out: dict[str, Any] = {}
+        if "scheduler" in parts and self.schedulers:
+            out["scheduler"] = to_blob({k: s.state_dict() for k, s in self.schedulers.items()})
+        if "extra" in parts:
+            check_plain(self.extra, "TrainState extra")
+            out["extra"] = to_blob(dict(self.extra))
+        if "rng" in parts and self.rng:
+            out[f"rank_{rank}/rng"] = to_blob(capture_rng())
+        if "dataloader" in parts and self.dataloaders:
+            out[f"rank_{rank}/dataloader"] = to_blob(
+                {k: d.state_dict() for k, d in self.dataloaders.items()})
+        return out
+
+    # -- load side ----------------------------------------------------------------
+    def load_targets(self, rank: int, available: set[str], parts: Iterable[str] = PARTS) -> dict[str, Any]:
+        """The state dict DCP loads into: live tensors plus placeholders for blobs.
+
+        ``available`` is the set of top-level keys present in the checkpoint; a
+        blob the checkpoint does not have is skipped (and reported by the caller).
+        """
+        out = self.tensors(parts)
+        for key in self.objects_keys(rank, parts):
+            if key in available:
+                out[key] = io.BytesIO()
+        return out
+
+    def objects_keys(self, rank: int, parts: Iterable[str] = PARTS) -> list[str]:
+        parts = set(parts)
+        keys = []
+        if "scheduler" in parts and self.schedulers:
+            keys.append("scheduler")
+        if "extra" in parts:
+            keys.append("extra")
+        if "rng" in parts and self.rng:
+            keys.append(f"rank_{rank}/rng")
+        if "dataloader" in parts and self.dataloaders:
+            keys.append(f"rank_{rank}/dataloader")
+        return keys
+
+    def apply(self, loaded: Mapping[str, Any], rank: int, *, strict: bool = True) -> None:
+        """Push loaded values (tensors in place, objects already deserialised) into the live objects."""
+        for name, m in self.models.items():
+            key = f"model/{name}"
+            if key in loaded:
+                res = set_model_state_dict(m, loaded[key], options=StateDictOptions(strict=strict))
+                if not strict and (res.missing_keys or res.unexpected_keys):
+                    log.warning("model %r: missing keys %s, unexpected keys %s", name,
+                                res.missing_keys, res.unexpected_keys)
+        for name, o in self.optimizers.items():
+            key = f"optim/{name}"
+            if key in loaded:
+                set_optimizer_state_dict(self._model_for(name), o, loaded[key])
+        if "scheduler" in loaded:
+            self._load_each("scheduler", self.schedulers, loaded["scheduler"])
+        if f"rank_{rank}/dataloader" in loaded:
+            self._load_each("dataloader", self.dataloaders, loaded[f"rank_{rank}/dataloader"])
+        if f"rank_{rank}/rng" in loaded:
+            restore_rng(loaded[f"rank_{rank}/rng"])
+        if "extra" in loaded:
+            values = loaded["extra"]
+            self.extra.clear()
+            self.extra.update(values)
+
+    @staticmethod
+    def _load_each(kind: str, live: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+        for name, obj in live.items():
+            if name not in saved:
+                raise StateMismatchError(
+                    f"{kind} {name!r} is not in the checkpoint (it has {sorted(saved)})",
+                    missing=[f"{kind}/{name}"])
+            obj.load_state_dict(saved[name])
