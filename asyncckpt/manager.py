@@ -33,13 +33,13 @@ from .errors import (
     IntegrityError,
     StorageError,
 )
-from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, parse_step_dir, select, step_dir_name
+from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .retention import Retention
 from .schedule import Schedule, ScheduleState
 from .staging import stage
 from .state import PARTS, TrainState
-from .storage import Storage
+from .storage import Storage, list_committed, read_manifest, uncommitted_steps, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,10 @@ class CheckpointManager:
             self.storage.check_writable()
         except StorageError as e:
             raise StorageError("create or write checkpoint root", self.root, e.cause) from e
-        for name in self.storage.list_dirs():
-            step = parse_step_dir(name)
-            if step is not None and MANIFEST_NAME not in self.storage.list_files(name):
-                log.warning("removing %s: a save that never committed", self.storage.url_of(name))
-                self.storage.remove(name, recursive=True)
+        for step in uncommitted_steps(self.storage):
+            name = step_dir_name(step)
+            log.warning("removing %s: a save that never committed", self.storage.url_of(name))
+            self.storage.remove(name, recursive=True)
 
     @property
     def retention(self) -> Retention | None:
@@ -219,7 +218,7 @@ class CheckpointManager:
         policy = retention or self.retention
         if policy is None:
             raise ConfigError("prune() needs a Retention: pass one or configure retention=")
-        manifests = _restore.committed(self.storage)
+        manifests = list_committed(self.storage)
         plan = policy.plan(manifests)
         for step, metric in plan.missing_metric:
             log.warning("step=%d has no metric %r; keep_best ignores it", step, metric)
@@ -237,10 +236,26 @@ class CheckpointManager:
         self.storage.remove(name, recursive=True)
         log.info("step=%d: deleted by retention", step)
 
-    # -- listing and restoring -------------------------------------------------------
+    # -- listing, verifying and restoring ---------------------------------------------
+    def verify(self, step: int | None = None) -> dict[int, list[str]]:
+        """Check every file of one checkpoint (or all) against its manifest.
+
+        Returns ``{step: [problems]}``; a checkpoint with an empty list is whole.
+        """
+        steps = [check_step(step)] if step is not None else [m.step for m in list_committed(self.storage)]
+        out = {}
+        for s in steps:
+            try:
+                m = read_manifest(self.storage, s)
+            except StorageError as e:
+                raise CheckpointNotFoundError(f"at step {s}", self.root,
+                                              [m.step for m in list_committed(self.storage)]) from e
+            out[s] = verify_files(self.storage.child(step_dir_name(s)), m)
+        return out
+
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first."""
-        manifests = _restore.committed(self.storage)
+        manifests = list_committed(self.storage)
         best_tags = self._best_tags(manifests)
         return [CheckpointInfo.from_manifest(m, self.storage.url_of(step_dir_name(m.step)),
                                              best_tags.get(m.step, ()))
@@ -300,7 +315,7 @@ class CheckpointManager:
         return chosen
 
     def _candidates(self, which: int | str) -> list[Manifest]:
-        manifests = _restore.committed(self.storage)
+        manifests = list_committed(self.storage)
         if which == "latest":
             return list(reversed(manifests))
         if isinstance(which, str) and (which == "best" or which.startswith("best:")):
@@ -328,7 +343,7 @@ class CheckpointManager:
             raw = folder.read_bytes(MANIFEST_NAME)
         except StorageError as e:
             raise CheckpointNotFoundError(f"at {folder.url} (no {MANIFEST_NAME})", self.root,
-                                          [m.step for m in _restore.committed(self.storage)]) from e
+                                          [m.step for m in list_committed(self.storage)]) from e
         m = Manifest.from_json(raw, folder.url_of(MANIFEST_NAME))
         _restore.load_into(folder, m, state, rank=self.rank, group=self._fg_group, strict=strict,
                            verify=verify, parts=parts)

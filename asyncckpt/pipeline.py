@@ -160,10 +160,8 @@ class Pipeline:
             raise err
 
     def wait(self) -> None:
-        with self._lock:
-            handles = list(self._pending)
-        for h in handles:
-            h.committed()
+        """Block until every submitted save is written, committed and post-processed."""
+        self._queue.join()
         self.raise_pending()
 
     def close(self) -> None:
@@ -184,6 +182,7 @@ class Pipeline:
         while True:
             job = self._queue.get()
             if job is _STOP:
+                self._queue.task_done()
                 return
             try:
                 self._process(job)
@@ -192,6 +191,7 @@ class Pipeline:
                     self._pending = [h for h in self._pending if h is not job.handle]
                 self._slots.release()
                 del job
+                self._queue.task_done()
 
     def _process(self, job: SaveJob) -> None:
         step, started = job.handle.step, time.monotonic()

@@ -1,7 +1,6 @@
 """The load path: find committed checkpoints, check, read safely, set state.
 
-``committed(storage)`` lists checkpoints that have a valid manifest (anything
-else is invisible).  ``load_into(...)`` compares the live state with the
+``load_into(...)`` compares the live state with the
 checkpoint's DCP metadata first, so a missing key or a shape mismatch is
 reported by name with both shapes, then reads with DCP (resharding to the live
 layout) through ``CheckpointReader`` (checksums verified, nothing unpickled
@@ -24,39 +23,13 @@ except ImportError:  # pragma: no cover
     from torch.distributed.checkpoint._traverse import flatten_state_dict  # type: ignore[no-redef]
 
 from .dcp_io import CheckpointReader, reraise_own
-from .errors import CorruptCheckpointError, StateMismatchError, StorageError
-from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
+from .errors import StateMismatchError
+from .manifest import Manifest
 from .planner import SafeLoadPlanner
 from .state import PARTS, TrainState
 from .storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-def read_manifest(storage: Storage, step: int) -> Manifest:
-    rel = f"{step_dir_name(step)}/{MANIFEST_NAME}"
-    m = Manifest.from_json(storage.read_bytes(rel), storage.url_of(rel))
-    if m.step != step:
-        raise CorruptCheckpointError(storage.url_of(rel), f"step {step}", f"step {m.step}")
-    return m
-
-
-def committed(storage: Storage) -> list[Manifest]:
-    """Every checkpoint under the root with a readable manifest, oldest first.
-
-    A folder without a manifest is not a checkpoint and is skipped silently;
-    one whose manifest cannot be parsed is skipped with a warning.
-    """
-    out = []
-    for name in storage.list_dirs():
-        step = parse_step_dir(name)
-        if step is None or MANIFEST_NAME not in storage.list_files(name):
-            continue
-        try:
-            out.append(read_manifest(storage, step))
-        except (CorruptCheckpointError, StorageError) as e:
-            log.warning("skipping %s: %s", storage.url_of(name), e)
-    return sorted(out, key=lambda m: m.step)
 
 
 def _top(fqn: str) -> str:

@@ -33,7 +33,9 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from .errors import CheckpointExistsError, ConfigError, StorageError
+from . import codec as _codec
+from .errors import CheckpointExistsError, ConfigError, CorruptCheckpointError, StorageError
+from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -270,3 +272,59 @@ def _discard(f: Any) -> None:
         f.closed = True
     else:
         f.close()
+
+
+# -- the checkpoints under a root ---------------------------------------------------
+
+def read_manifest(storage: Storage, step: int) -> Manifest:
+    """The manifest of one step; CorruptCheckpointError if it is unreadable or inconsistent."""
+    rel = f"{step_dir_name(step)}/{MANIFEST_NAME}"
+    m = Manifest.from_json(storage.read_bytes(rel), storage.url_of(rel))
+    if m.step != step:
+        raise CorruptCheckpointError(storage.url_of(rel), f"step {step}", f"step {m.step}")
+    return m
+
+
+def list_committed(storage: Storage) -> list[Manifest]:
+    """Every checkpoint under the root with a readable manifest, oldest first.
+
+    A folder without a manifest is not a checkpoint and is skipped silently;
+    one whose manifest cannot be read is skipped with a warning.
+    """
+    out = []
+    for name in storage.list_dirs():
+        step = parse_step_dir(name)
+        if step is None or MANIFEST_NAME not in storage.list_files(name):
+            continue
+        try:
+            out.append(read_manifest(storage, step))
+        except (CorruptCheckpointError, StorageError) as e:
+            log.warning("skipping %s: %s", storage.url_of(name), e)
+    return sorted(out, key=lambda m: m.step)
+
+
+def uncommitted_steps(storage: Storage) -> list[int]:
+    """Step folders without a manifest: saves that never committed."""
+    return sorted(step for name in storage.list_dirs()
+                  if (step := parse_step_dir(name)) is not None
+                  and MANIFEST_NAME not in storage.list_files(name))
+
+
+def verify_files(folder: Storage, manifest: Manifest) -> list[str]:
+    """Problems with a checkpoint's files (missing, wrong size, bad checksum); empty when whole."""
+    problems = []
+    present = folder.list_files()
+    for entry in manifest.files:
+        url = folder.url_of(entry.path)
+        if entry.path not in present:
+            problems.append(f"{url}: missing")
+            continue
+        digest = _codec.Checksum()
+        with folder.open_read(entry.path) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        if digest.nbytes != entry.size:
+            problems.append(f"{url}: expected {entry.size} bytes, found {digest.nbytes}")
+        elif entry.checksum and digest.hexdigest() != entry.checksum:
+            problems.append(f"{url}: expected {entry.checksum}, found {digest.hexdigest()}")
+    return problems

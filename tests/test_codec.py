@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -323,6 +324,28 @@ def test_corruption_messages_say_what_is_wrong(
         decode_bytes(damaged, name="m.bin")
 
 
+def _crafted(raw_nbytes: int, frame: bytes) -> bytes:
+    """A one-chunk item whose header and frame CRCs are right whatever the frame holds."""
+    head = struct.pack("<4sBBBQI", b"ACZ1", 1, 0, 1, raw_nbytes, 64 * KIB)
+    chunk = struct.pack("<III", raw_nbytes, len(frame), zlib.crc32(frame))
+    return head + struct.pack("<I", zlib.crc32(head)) + chunk + frame
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        zstandard.ZstdCompressor(write_checksum=True).compress(b"y" * 99),  # wrong length
+        zstandard.ZstdCompressor(write_content_size=False).compress(b"y" * 100),
+        zstandard.ZstdCompressor().compress(b"y" * 100) + b"extra",
+        b"\x28\xb5\x2f\xfd" + b"\x00" * 20,
+        b"not zstd at all",
+    ],
+)
+def test_bad_zstd_frames_with_valid_crcs_are_detected(frame: bytes) -> None:
+    with pytest.raises(CorruptCheckpointError, match=r"^z\.bin: .*zstd frame"):
+        decode_bytes(_crafted(100, frame), name="z.bin")
+
+
 def test_header_fields_that_cannot_be_are_rejected_even_with_a_valid_crc() -> None:
     head = struct.pack("<4sBBBQI", b"ACZ1", 1, 0x02, 4, 10, 64 * KIB)
     buf = head + struct.pack("<I", zlib.crc32(head))
@@ -353,7 +376,7 @@ def test_checksum_counts_bytes_of_typed_buffers() -> None:
     assert checksum.hexdigest() == checksum_bytes(values.tobytes())
 
 
-def test_checksum_writer_and_reader_agree_with_the_file(blob: bytes) -> None:
+def test_checksum_writer_and_reader_agree_with_the_file() -> None:
     sink = io.BytesIO()
     writer = ChecksumWriter(sink)
     for piece in encode(_weights(50_000, 10), itemsize=4, options=SMALL):
