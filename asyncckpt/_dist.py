@@ -1,8 +1,12 @@
-"""Rank, world size, and a CPU process group for the writer threads.
+"""Rank, world size, and CPU process groups for the manager.
 
 The writer thread must never issue collectives on the training's communicator
 (NCCL): DCP's plan exchange and the commit agreement run on a separate gloo
-group created here, once, from the main thread.
+group created here, once, from the main thread.  A manager makes two: one
+for the training thread (save planning, restore, agreeing on "latest") and
+one for its writer thread, so collectives of the two threads never
+interleave on one group.  Every helper is a no-op pass-through when the job
+is not distributed (``group`` is None).
 """
 
 from __future__ import annotations
@@ -50,3 +54,14 @@ def broadcast_object(obj: Any, group: Any, src: int = 0) -> Any:
 def barrier(group: Any) -> None:
     if group is not None:
         dist.barrier(group=group)
+
+
+def all_reduce_max(values: list[int], group: Any) -> list[int]:
+    """Element-wise max of small int lists over ``group`` (one tiny gloo all_reduce)."""
+    if group is None:
+        return list(values)
+    import torch
+
+    box = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in box.tolist()]

@@ -1,8 +1,10 @@
 """The ``asyncckpt`` command line: the only place that prints.
 
-``list``, ``verify`` and ``prune`` read manifests and checksums only (no torch
-import, so they start fast); ``export`` and ``inspect`` load the manager
-lazily.  Every command that prints a table takes ``--json``.  Exit status: 0
+``list``, ``verify``, ``prune`` and ``releases`` read manifests, model cards and
+checksums only (no torch import, so they start fast); ``export`` loads torch
+lazily, through ``release.py``'s reading path.  ``prune`` deletes exactly as
+the manager does (``storage.delete_checkpoint``: manifest first).  ``schedule`` plans checkpoint steps from a YAML config (no torch
+either).  Every command that prints a table takes ``--json``.  Exit status: 0
 on success, 1 when a check fails (verify), 2 on bad input.
 """
 
@@ -15,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import AsyncCkptError
-from .manifest import CheckpointInfo, step_dir_name
+from .errors import AsyncCkptError, ConfigError, CorruptCheckpointError
+from .manifest import MANIFEST_NAME, CheckpointInfo, parse_step_dir, select, step_dir_name
 from .retention import Retention
-from .storage import Storage, list_committed, read_manifest, verify_files
+from .storage import Storage, delete_checkpoint, list_committed, read_manifest, verify_files
 
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -49,6 +51,14 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar on stderr, shown only on a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
+                disable=not sys.stderr.isatty())
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
@@ -56,9 +66,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from .release import with_release_tags  # torch-free
+
     storage = _storage(args)
-    infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)))
-             for m in list_committed(storage)]
+    manifests = with_release_tags(storage, list_committed(storage))
+    best = Retention(best_metric=args.metric, best_mode=args.mode).best_step(manifests) \
+        if args.metric else None
+    infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)),
+                                          (f"best:{args.metric}",) if m.step == best else ())
+             for m in manifests]
     if args.json:
         print(json.dumps([i.to_dict() for i in infos], indent=1))
         return 0
@@ -72,13 +88,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_steps(storage: Storage) -> list[int]:
+    """Steps whose folder holds a manifest, readable or not (verify reports a damaged one)."""
+    return sorted(step for name in storage.list_dirs() if (step := parse_step_dir(name)) is not None
+                  and MANIFEST_NAME in storage.list_files(name))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = _storage(args)
-    if args.step is not None:
-        manifests = [read_manifest(storage, args.step)]
-    else:
-        manifests = list_committed(storage)
-    report = {m.step: verify_files(storage.child(step_dir_name(m.step)), m) for m in manifests}
+    report: dict[int, list[str]] = {}
+    manifests = {}
+    for step in [args.step] if args.step is not None else _manifest_steps(storage):
+        try:
+            manifests[step] = read_manifest(storage, step)
+        except CorruptCheckpointError as e:  # a damaged manifest is a failed check, not bad input
+            report[step] = [str(e)]
+    with _progress(sum(m.total_bytes for m in manifests.values()), "verify") as bar:
+        for step, manifest in manifests.items():
+            report[step] = verify_files(storage.child(step_dir_name(step)), manifest, bar.update)
     bad = {s: p for s, p in report.items() if p}
     if args.json:
         print(json.dumps({"ok": not bad, "checked": sorted(report), "problems": bad}, indent=1))
@@ -93,23 +120,290 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .release import with_release_tags  # torch-free
+
     storage = _storage(args)
-    policy = Retention(keep_last=args.keep_last, keep_best=args.keep_best,
-                       best_metric=args.metric, best_mode=args.mode)
-    plan = policy.plan(list_committed(storage))
-    for step, metric in plan.missing_metric:
-        print(f"warning: step {step} has no metric {metric!r}", file=sys.stderr)
+    policy = Retention(keep_last=args.keep_last, keep_best=args.keep_best, best_metric=args.metric,
+                       best_mode=args.mode, keep_every_n_steps=args.keep_every,
+                       keep_epoch_ends=args.keep_epoch_ends)
+    plan = policy.plan(with_release_tags(storage, list_committed(storage)))
+    if plan.missing_metric:
+        steps = sorted({s for s, _ in plan.missing_metric})
+        print(f"warning: {len(steps)} checkpoint(s) have no value of --metric {args.metric!r} "
+              f"(steps {steps}); kept only by the other rules", file=sys.stderr)
     if not args.dry_run:
         for step in plan.delete:
-            name = step_dir_name(step)
-            storage.remove(f"{name}/manifest.json")
-            storage.remove(name, recursive=True)
+            delete_checkpoint(storage, step)  # manifest first, as the manager does
     if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "deleted": list(plan.delete), "kept": list(plan.keep)}))
+        print(json.dumps({"dry_run": args.dry_run, "deleted": list(plan.delete), "kept": list(plan.keep),
+                          "reasons": {str(k): list(v) for k, v in plan.reasons.items()}}))
     else:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{verb} {len(plan.delete)} checkpoint(s): {list(plan.delete)}; kept {list(plan.keep)}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import CheckpointExistsError
+    from .release import checkpoint_weights, dtype_name, prepare, write_weights  # loads torch
+
+    storage = _storage(args)
+    dtype = dtype_name(args.dtype)
+    m = select(list_committed(storage), "latest" if args.step is None else args.step, storage.url)
+    parent, _, name = args.out.rstrip("/").rpartition("/")
+    out = Storage(parent or ".")
+    if out.exists(name) and not args.force:
+        raise CheckpointExistsError(f"{out.url_of(name)} already exists; pass --force to replace it")
+    out.makedirs()
+    with _progress(2 * m.total_bytes, "export") as bar:  # coarse: read, then write
+        tensors = prepare(checkpoint_weights(storage.child(step_dir_name(m.step)), m, model=args.model),
+                          dtype)
+        bar.update(m.total_bytes)
+        entry = write_weights(out, name, tensors, format=args.format,
+                              metadata={"format": "pt", "step": str(m.step)})
+    if args.json:
+        print(json.dumps({"step": m.step, "tensors": len(tensors), "bytes": entry.size,
+                          "format": args.format, "dtype": dtype, "path": out.url_of(name)}))
+        return 0
+    print(f"exported step {m.step}: {len(tensors)} tensors, {_human(entry.size)} "
+          f"({args.format}{'' if dtype is None else ', ' + dtype}) to {out.url_of(name)}")
+    return 0
+
+
+def _checkpoint(storage: Storage, step: int | None, manifests: Sequence[Any] | None = None) -> Any:
+    """(manifest, folder, files by name) of a committed step (None: the latest)."""
+    m = select(list_committed(storage) if manifests is None else manifests,
+               "latest" if step is None else step, storage.url)
+    return m, storage.child(step_dir_name(m.step)), {f.path: f for f in m.files}
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "" if shape is None else "x".join(map(str, shape)) or "scalar"
+
+
+def _tensor_stats(folder: Storage, files: Any, items: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    from .dcp_io import read_items  # loads torch
+
+    tensors = [i for i in items if i.kind == "tensor"]
+    out = {}
+    with _progress(sum(i.raw_bytes for i in tensors), "inspect") as bar:
+        for key, t in read_items(folder, files, [i.key for i in tensors]):
+            x = (t.abs() if t.is_complex() else t).double()
+            finite = x[x.isfinite()]
+            out[key] = {"min": finite.min().item() if finite.numel() else None,
+                        "max": finite.max().item() if finite.numel() else None,
+                        "mean": finite.mean().item() if finite.numel() else None,
+                        "nonfinite": int(x.numel() - finite.numel())}
+            bar.update(t.numel() * t.element_size())
+    return out
+
+
+def _manifest_lines(m: Any, url: str) -> list[str]:
+    return [f"step {m.step}  {url}",
+            f"  time {m.time or '-'}  epoch {'-' if m.epoch is None else m.epoch}  world size "
+            f"{m.world_size}  codec {m.codec or 'none'}  params {m.param_count:,}",
+            f"  torch {m.torch_version or '-'}  git {m.git_commit or '-'}  host {m.host or '-'}  "
+            f"device {m.device or '-'}",
+            "  metrics: " + (" ".join(f"{k}={v:.6g}" for k, v in sorted(m.metrics.items())) or "-"),
+            "  tags: " + (", ".join(m.tags) or "-"),
+            f"  files: {len(m.files)}, {_human(m.total_bytes)}"]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .dcp_io import describe  # loads torch
+
+    storage = _storage(args)
+    m, folder, files = _checkpoint(storage, args.step)
+    items = describe(folder, files)
+    stats = _tensor_stats(folder, files, items) if args.stats else {}
+    if args.json:
+        print(json.dumps({"path": folder.url, "manifest": m.to_dict(),
+                          "items": [{**asdict(i), **({"stats": stats[i.key]} if i.key in stats else {})}
+                                    for i in items]}, indent=1))
+        return 0
+    print("\n".join(_manifest_lines(m, folder.url)))
+    rows = []
+    for i in items:
+        ratio = f"{i.raw_bytes / i.stored_bytes:.2f}" if i.raw_bytes and i.stored_bytes else ""
+        row = [i.key, i.kind, i.dtype or "", _shape(i.shape),
+               "" if i.raw_bytes is None else _human(i.raw_bytes), _human(i.stored_bytes), ratio]
+        if args.stats:
+            st = stats.get(i.key) or {}
+            row += ["" if st.get(k) is None else f"{st[k]:.4g}" for k in ("min", "max", "mean")]
+            row.append(str(st.get("nonfinite", "")))
+        rows.append(row)
+    print(_table(rows, ["key", "kind", "dtype", "shape", "bytes", "stored", "ratio"]
+                 + (["min", "max", "mean", "nan/inf"] if args.stats else [])))
+    tensors = [i for i in items if i.kind == "tensor"]
+    raw, stored = sum(i.raw_bytes for i in tensors), sum(i.stored_bytes for i in tensors)
+    print(f"{len(tensors)} tensors: {_human(raw)}, {_human(stored)} stored"
+          + (f" (ratio {raw / stored:.2f})" if stored else "") + f"; {len(items) - len(tensors)} "
+          f"objects: {_human(sum(i.stored_bytes for i in items if i.kind == 'object'))} stored")
+    return 0
+
+
+def _compare_objects(key: str, a: bytes, b: bytes) -> str | None:
+    """None when equal; else what changed (values shown when short; read weights-only)."""
+    from .planner import safe_load
+
+    if a == b:
+        return None
+    try:
+        va, vb = safe_load(a, key), safe_load(b, key)
+    except AsyncCkptError:
+        return "changed"
+    if isinstance(va, (int, float, str, bool, type(None))) and isinstance(vb, type(va)):
+        return None if va == vb else f"{va!r} -> {vb!r}"[:80]
+    return "changed"
+
+
+def _diff_items(sides: Sequence[Any], keys: Sequence[str], kinds: dict[str, str]) -> dict[str, Any]:
+    """{key: None (equal) | max abs difference | description} for items present in both."""
+    from .dcp_io import read_items  # loads torch
+
+    (_, fa, files_a), (_, fb, files_b) = sides
+    out: dict[str, Any] = {}
+    with _progress(sum(1 for _ in keys), "diff") as bar:
+        for (key, a), (_, b) in zip(read_items(fa, files_a, keys), read_items(fb, files_b, keys)):
+            if kinds[key] == "object":
+                out[key] = _compare_objects(key, a, b)
+            elif a.dtype != b.dtype or a.shape != b.shape:
+                out[key] = f"{a.dtype} {_shape(a.shape)} -> {b.dtype} {_shape(b.shape)}"
+            elif a.equal(b):
+                out[key] = None
+            else:
+                out[key] = (a.double() - b.double()).abs().max().item() if a.is_floating_point() \
+                    else "values differ"
+            bar.update(1)
+    return out
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .dcp_io import describe  # loads torch
+
+    storage = _storage(args)
+    committed = list_committed(storage)
+    sides = [_checkpoint(storage, s, committed) for s in (args.step_a, args.step_b)]
+    (ma, fa, files_a), (mb, fb, files_b) = sides
+    ia = {i.key: i for i in describe(fa, files_a)}
+    ib = {i.key: i for i in describe(fb, files_b)}
+    common = sorted(set(ia) & set(ib), key=lambda k: (ia[k].files, k))  # read file by file
+    changes = _diff_items(sides, common, {k: ia[k].kind for k in common})
+    names = sorted(set(ma.metrics) | set(mb.metrics))
+    metrics = {n: [ma.metrics.get(n), mb.metrics.get(n)] for n in names}
+    if args.json:
+        print(json.dumps({"a": ma.step, "b": mb.step, "metrics": metrics,
+                          "changed": {k: v for k, v in sorted(changes.items()) if v is not None},
+                          "unchanged": sorted(k for k, v in changes.items() if v is None),
+                          "only_a": sorted(set(ia) - set(ib)), "only_b": sorted(set(ib) - set(ia))},
+                         indent=1))
+        return 0
+    print(f"step {ma.step} -> step {mb.step}  {storage.url}")
+    if names:
+        def cell(v: Any) -> str:
+            return "-" if v is None else f"{v:.6g}"
+        print(_table([[n, cell(a), cell(b), cell(None if a is None or b is None else b - a)]
+                      for n, (a, b) in metrics.items()], ["metric", f"step {ma.step}", f"step {mb.step}", "change"]))
+    changed = {k: v for k, v in changes.items() if v is not None or args.all}
+    kinds = [ia[k].kind for k, v in changes.items() if v is not None]
+    print(f"changed: {kinds.count('tensor')} of {sum(ia[k].kind == 'tensor' for k in common)} tensors, "
+          f"{kinds.count('object')} of {sum(ia[k].kind == 'object' for k in common)} objects")
+    for label, keys in ((f"only in step {ma.step}", set(ia) - set(ib)), (f"only in step {mb.step}", set(ib) - set(ia))):
+        if keys:
+            print(f"{label}: {', '.join(sorted(keys))}")
+    if changed:
+        rows = [[k, ia[k].kind, _shape(ia[k].shape), "unchanged" if v is None else
+                 f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in sorted(changed.items())]
+        print(_table(rows, ["key", "kind", "shape", "max |a-b| / change"]))
+    return 0
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    from .release import list_releases  # torch-free
+
+    storage = _storage(args)
+    releases = list_releases(storage)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in releases], indent=1))
+        return 0
+    if not releases:
+        print(f"no releases under {storage.url}")
+        return 0
+    rows = [[r.version, "" if r.step is None else str(r.step), r.time, _human(r.bytes),
+             r.format + ("" if r.dtype is None else f"/{r.dtype}"), r.path] for r in releases]
+    print(_table(rows, ["version", "step", "time", "size", "format", "path"]))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import load_yaml_text, plan_request, with_checkpoint_schedule
+    from .schedule import parse_targets
+
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {args.config!r} not found") from e
+    request = plan_request(load_yaml_text(text, args.config), args.config)
+    if args.min_interval is not None:
+        request = replace(request, min_interval=args.min_interval)
+    if args.no_log_steps:
+        request = replace(request, log_steps_first_epoch=False)
+    targets = parse_targets(args.targets) if args.targets is not None else None
+    if targets and request.target is not None:
+        print(f"note: training.target_checkpoints={request.target} in {args.config} "
+              "takes precedence over --targets", file=sys.stderr)
+    plan = request.plan(targets)
+    print(_describe_plan(args.config, request, targets, plan))
+    if args.dry_run:
+        return 0
+    out_path = args.output or args.config
+    new_text, kept_layout = with_checkpoint_schedule(text, plan, args.config)
+    _write_text(out_path, new_text)
+    print(f"wrote training.checkpoint_schedule ({len(plan)} steps) to {out_path}")
+    if not kept_layout:
+        print(f"note: {out_path} was rewritten from its parsed content (comments and layout lost): "
+              "training: is not a block mapping at column 0", file=sys.stderr)
+    return 0
+
+
+def _describe_plan(source: str, request: Any, targets: Any, plan: list[int]) -> str:
+    epochs = request.total_steps / request.steps_per_epoch
+    goal, why = request.target_for(targets)
+    lines = [f"{source}: {request.total_steps} steps, {epochs:g} epoch(s) of {request.steps_per_epoch}"
+             + ("" if request.dataset_tokens is None else f", {request.dataset_tokens:,} dataset tokens"),
+             f"target: {'-' if goal is None else goal} ({why}); min interval {request.min_interval} steps; "
+             f"first-epoch powers of two: {'yes' if request.log_steps_first_epoch else 'no'}"]
+    short = "" if goal is None or len(plan) >= goal else \
+        f" ({goal - len(plan)} short of the target: no gap has room at the min interval)"
+    lines.append(f"plan: {len(plan)} checkpoints{short}")
+    width = len(str(plan[-1])) if plan else 1
+    for i in range(0, len(plan), 10):
+        lines.append("  " + " ".join(str(s).rjust(width) for s in plan[i:i + 10]))
+    return "\n".join(lines)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Replace ``path`` atomically (a temporary file in its folder, then rename)."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".asyncckpt-", suffix=".yaml", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if os.path.exists(path):
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,23 +413,72 @@ def build_parser() -> argparse.ArgumentParser:
 
     def root_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("root", help="checkpoint root: a path or URL (s3://bucket/prefix)")
+        sp.add_argument("root", help="checkpoint root: a local path or any fsspec URL")
         sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
         return sp
 
-    root_cmd("list", "list committed checkpoints").set_defaults(func=cmd_list)
+    sp = root_cmd("list", "list committed checkpoints with their tags")
+    sp.add_argument("--metric", default=None, help="also tag the best checkpoint by this metric "
+                    "best:<metric>, as CheckpointManager.list() does for its retention's metrics")
+    sp.add_argument("--mode", default="min", choices=["min", "max"], help="min or max is best")
+    sp.set_defaults(func=cmd_list)
     sp = root_cmd("verify", "check every file of committed checkpoints against its checksum")
     sp.add_argument("step", nargs="?", type=int, help="one step (default: all)")
     sp.set_defaults(func=cmd_verify)
     sp = root_cmd("prune", "delete checkpoints a retention policy drops")
-    sp.add_argument("--keep-last", type=int, default=None, help="keep the newest N")
+    sp.add_argument("--keep-last", type=int, required=True, help="keep the newest N (>= 1)")
     sp.add_argument("--keep-best", type=int, default=0, help="keep the best K by --metric")
     sp.add_argument("--metric", default=None, help="metric for --keep-best")
     sp.add_argument("--mode", default="min", choices=["min", "max"], help="min or max is best")
+    sp.add_argument("--keep-every", type=int, default=None, metavar="N",
+                    help="keep every checkpoint whose step is a multiple of N")
+    sp.add_argument("--keep-epoch-ends", action="store_true", help="keep checkpoints tagged epoch_end")
     sp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     sp.set_defaults(func=cmd_prune)
+    sp = sub.add_parser("export", help="write one checkpoint's model weights (no optimizer) "
+                        "to a single file")
+    sp.add_argument("root", help="checkpoint root: a local path or any fsspec URL")
+    sp.add_argument("out", metavar="OUT", help="the weights file to write (path or URL)")
+    sp.add_argument("--step", type=int, default=None, help="the step to export (default: latest)")
+    sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
+                    help="safetensors (default) or torch (a torch.save dict of tensors)")
+    sp.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bf16, fp16, fp32")
+    sp.add_argument("--model", default=None, help="which model of the TrainState (default: all)")
+    sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec storage option for ROOT")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
+    sp.set_defaults(func=cmd_export)
+    sp = root_cmd("inspect", "show one checkpoint's manifest and its tensors (shape, dtype, bytes, "
+                  "compression ratio); nothing is unpickled")
+    sp.add_argument("step", nargs="?", type=int, help="the step (default: latest)")
+    sp.add_argument("--stats", action="store_true", help="also read every tensor: min, max, mean, "
+                    "NaN/Inf count")
+    sp.set_defaults(func=cmd_inspect)
+    sp = root_cmd("diff", "compare two checkpoints: tensors that changed (max abs difference), "
+                  "objects, metrics side by side")
+    sp.add_argument("step_a", type=int, metavar="STEP_A")
+    sp.add_argument("step_b", type=int, metavar="STEP_B")
+    sp.add_argument("--all", action="store_true", help="list unchanged items too")
+    sp.set_defaults(func=cmd_diff)
+    root_cmd("releases", "list the versioned releases under ROOT/releases").set_defaults(
+        func=cmd_releases)
+    sp = sub.add_parser("schedule", help="plan checkpoint steps from a YAML config's training: "
+                        "section and write them as training.checkpoint_schedule")
+    sp.add_argument("config", help="YAML file with a training: section")
+    sp.add_argument("--targets", default=None, metavar="CAT:N,...",
+                    help="checkpoints per dataset size, e.g. small:10,medium:20,large:30,xlarge:40")
+    sp.add_argument("--min-interval", type=int, default=None, metavar="N",
+                    help="fewest steps between a gap-filling step and any other "
+                    "(default: training.min_checkpoint_interval, else 100)")
+    sp.add_argument("--no-log-steps", action="store_true",
+                    help="no power-of-two steps in the first epoch")
+    sp.add_argument("--output", default=None, metavar="OUT.yaml",
+                    help="write the config with the plan here (default: edit CONFIG in place)")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    sp.set_defaults(func=cmd_schedule)
     return p
 
 

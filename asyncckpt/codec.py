@@ -40,6 +40,7 @@ Whole-file checksums for the manifest are separate: ``Checksum``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -48,7 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import zstandard
 
@@ -122,24 +123,56 @@ def is_encoded(prefix: Buffer) -> bool:
 
 
 # ---------------------------------------------------------------- byte grouping
+#
+# With numpy installed (imported on first use, never at import time, so the
+# torch-free CLI stays fast) each byte plane is one strided copy that releases
+# the GIL: about 1.5 GB/s per core, scaling with threads.  The pure-Python
+# fallback gives the same bytes at about 0.3 GB/s, holding the GIL.
 
 
-def _group(raw: bytes, itemsize: int) -> bytes:
-    full = len(raw) - len(raw) % itemsize
-    parts = [raw[i:full:itemsize] for i in range(itemsize)]
-    parts.append(raw[full:])
-    return b"".join(parts)
+@functools.cache
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch in practice
+        log.info("numpy is not installed: byte grouping runs in pure Python (slower)")
+        return None
+    return numpy
 
 
-def _ungroup(grouped: bytes, itemsize: int) -> bytearray:
+def _group(raw: memoryview, itemsize: int) -> bytes | bytearray:
+    """All elements' byte 0, then all their byte 1, ...; a partial element's bytes at the end."""
+    n = raw.nbytes
+    full = n - n % itemsize
+    np = _numpy()
+    if np is None:
+        data = bytes(raw)
+        return b"".join([*(data[i:full:itemsize] for i in range(itemsize)), data[full:]])
+    out = bytearray(n)
+    src, dst = np.frombuffer(raw, np.uint8), np.frombuffer(out, np.uint8)
+    items, planes = src[:full].reshape(-1, itemsize), dst[:full].reshape(itemsize, -1)
+    for i in range(itemsize):
+        planes[i] = items[:, i]
+    dst[full:] = src[full:]
+    return out
+
+
+def _ungroup_into(grouped: bytes, itemsize: int, out: memoryview) -> None:
+    """Undo ``_group``, writing the element bytes into ``out`` (of the same length)."""
     n = len(grouped)
     full = n - n % itemsize
-    count = full // itemsize
-    out = bytearray(n)
+    np = _numpy()
+    if np is None:
+        count = full // itemsize
+        for i in range(itemsize):
+            out[i:full:itemsize] = grouped[i * count : (i + 1) * count]
+        out[full:] = grouped[full:]
+        return
+    src, dst = np.frombuffer(grouped, np.uint8), np.frombuffer(out, np.uint8)
+    planes, items = src[:full].reshape(itemsize, -1), dst[:full].reshape(-1, itemsize)
     for i in range(itemsize):
-        out[i:full:itemsize] = grouped[i * count : (i + 1) * count]
-    out[full:] = grouped[full:]
-    return out
+        items[:, i] = planes[i]
+    dst[full:] = src[full:]
 
 
 # --------------------------------------------------------------------- encoding
@@ -154,7 +187,7 @@ def _compressor(options: CodecOptions) -> zstandard.ZstdCompressor:
 def _encode_chunk(
     piece: memoryview, itemsize: int, cctx: zstandard.ZstdCompressor
 ) -> tuple[bytes, bytes]:
-    data: bytes | memoryview = _group(bytes(piece), itemsize) if itemsize > 1 else piece
+    data: Buffer = _group(piece, itemsize) if itemsize > 1 else piece
     frame = cctx.compress(data)
     return _CHUNK.pack(len(piece), len(frame), zlib.crc32(frame)), frame
 
@@ -341,7 +374,10 @@ def decode(
     pos = 0
     for raw_n in header.chunk_sizes():
         data = _read_chunk(read, dctx, raw_n, name)
-        view[pos : pos + raw_n] = _ungroup(data, header.itemsize) if header.grouped else data
+        if header.grouped:
+            _ungroup_into(data, header.itemsize, view[pos : pos + raw_n])
+        else:
+            view[pos : pos + raw_n] = data
         pos += raw_n
     return target
 

@@ -1,18 +1,42 @@
 """Manager options: one validated dataclass, built from keywords or YAML.
 
-Pure: no torch, no I/O.  ``ManagerOptions.__post_init__`` raises
-``ConfigError`` naming the field, the value, and what was expected.
+Pure: no torch, no I/O (callers read the file and pass its text or its
+parsed dict).  ``ManagerOptions.__post_init__`` raises ``ConfigError`` naming
+the field, the value, and what was expected.
+
+The YAML file has two sections this module reads; other top-level keys are
+the user's and are ignored::
+
+    training:                      # shared with the trainer: unknown keys are
+      total_steps: 10000           # ignored, near-misses ("total_step") are errors
+      steps_per_epoch: 1000        # or: epochs + steps_per_epoch
+      dataset_tokens: 30000000     # picks the target by size category
+      target_checkpoints: 40       # or an explicit target
+      log_steps_first_epoch: true
+      min_checkpoint_interval: 100
+      auto_generate_checkpoints: true
+      checkpoint_schedule: [1, 2, 4, ...]   # written by `asyncckpt schedule`
+    checkpoint:                    # strict: an unknown key is an error
+      root: runs/exp1/ckpt         # then any ManagerOptions field:
+      retention: {keep_last: 3, keep_best: 1, best_metric: val_loss}
+      schedule: {every_n_steps: 500}
+      compression: zstd
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import re
+from os import PathLike
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import yaml
+
 from .errors import ConfigError
 from .retention import Retention
-from .schedule import Schedule
+from .schedule import DEFAULT_TARGETS, Schedule, plan_checkpoints, size_category
 
 COMPRESSIONS = ("zstd", None)
 STAGINGS = ("auto", "pinned", "device")
@@ -38,6 +62,11 @@ class ManagerOptions:
     """zstd compression level (1 is fast and already gains most of the ratio)."""
     staging: str = "auto"
     """``"pinned"``, ``"device"`` or ``"auto"``; CPU training always stages with a plain copy."""
+    overlap: bool = True
+    """Let copies of parameters and optimizer state run during the next forward/backward;
+    ``optimizer.step`` (hooked) and ``with mgr.guard():`` wait for them.  CUDA only."""
+    pinned_memory_budget: int | None = None
+    """Bytes of host staging buffers; None: one copy of the state (two for CPU training)."""
     on_error: str = "raise"
     """``"raise"``: a background failure is raised by the next call; ``"warn"``: logged only."""
     max_pending: int = 2
@@ -54,8 +83,30 @@ class ManagerOptions:
     """fsspec options for the backup URL."""
     backup_retention: Retention | None = None
     """Retention on the backup; None uses ``retention``."""
+    upload_part_bytes: int = 16 << 20
+    """Object stores (S3): size of each part of a multipart upload, >= 5 MiB; a file is at
+    most 10,000 parts, and each file being written holds about
+    ``(upload_concurrency + 1) * upload_part_bytes`` of memory."""
+    upload_concurrency: int = 4
+    """Object stores (S3): parts of one file uploading at once."""
     save_on_signal: bool = False
-    """Install SIGTERM/SIGINT handlers that make the next ``maybe_save`` save and stop."""
+    """Install SIGTERM/SIGINT handlers (main thread only): after a signal the next
+    ``maybe_save`` saves at once, waits for the commit and sets ``should_stop``; a
+    second signal exits at once with status 128 + signum (see ``signals.py``)."""
+    signal_grace_s: float = 30.0
+    """With ``save_on_signal``: the longest ``maybe_save`` waits for the final save to commit."""
+    initial_from: str | None = None
+    """Fine-tuning start: a checkpoint folder, another run's root (its newest checkpoint), a
+    plain DCP folder or a release folder that ``restore()`` loads (``initial_include`` only)
+    while this root has no checkpoint; once the run has its own, they win."""
+    initial_include: Sequence[str] = ("model",)
+    """What ``initial_from`` loads: parts as restore's ``include`` names them."""
+    on_commit: Callable[[Any], None] | None = None
+    """Called with the ``CheckpointInfo`` of each committed save, on the writer thread of rank 0
+    after retention; an exception it raises is logged, never raised."""
+    on_failure: Callable[[int, BaseException], None] | None = None
+    """Called with ``(step, error)`` when a background save fails, on the writer thread of
+    rank 0 before the error is kept for the next call; an exception it raises is logged."""
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -67,8 +118,12 @@ class ManagerOptions:
             raise ConfigError.field("staging", self.staging, " | ".join(map(repr, STAGINGS)))
         if self.on_error not in ON_ERROR:
             raise ConfigError.field("on_error", self.on_error, '"raise" or "warn"')
+        if self.pinned_memory_budget is not None:
+            _int_at_least("pinned_memory_budget", self.pinned_memory_budget, 1)
         _int_at_least("max_pending", self.max_pending, 1)
         _int_at_least("writer_threads", self.writer_threads, 1)
+        _int_at_least("upload_part_bytes", self.upload_part_bytes, 5 << 20)
+        _int_at_least("upload_concurrency", self.upload_concurrency, 1)
         if self.retention is not None and not isinstance(self.retention, Retention):
             raise ConfigError.field("retention", self.retention, "a Retention or None")
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
@@ -78,6 +133,21 @@ class ManagerOptions:
                 raise ConfigError.field(name, getattr(self, name), "a dict")
         if self.backup is not None and (not isinstance(self.backup, str) or not self.backup):
             raise ConfigError.field("backup", self.backup, "a storage URL or None")
+        if not isinstance(self.save_on_signal, bool):
+            raise ConfigError.field("save_on_signal", self.save_on_signal, "True or False")
+        if isinstance(self.signal_grace_s, bool) or not isinstance(self.signal_grace_s, (int, float)) \
+                or not 0 < self.signal_grace_s < float("inf"):
+            raise ConfigError.field("signal_grace_s", self.signal_grace_s, "a finite number of seconds > 0")
+        if self.initial_from is not None and (not isinstance(self.initial_from, (str, PathLike))
+                                              or not str(self.initial_from)):
+            raise ConfigError.field("initial_from", self.initial_from, "a storage URL or path, or None")
+        if isinstance(self.initial_include, str) or not isinstance(self.initial_include, Sequence) \
+                or not self.initial_include or not all(isinstance(p, str) and p for p in self.initial_include):
+            raise ConfigError.field("initial_include", self.initial_include,
+                                    'a non-empty list of parts, e.g. ["model"]')
+        for name in ("on_commit", "on_failure"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise ConfigError.field(name, getattr(self, name), "a callable or None")
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "ManagerOptions":
@@ -87,3 +157,230 @@ class ManagerOptions:
             raise ConfigError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
         return cls(**{k: (dict(v) if k.endswith("storage_options") and v is None else v)
                       for k, v in kwargs.items() if not (k.endswith("storage_options") and v is None)})
+
+
+# ---------------------------------------------------------------- YAML
+TRAINING_KEYS = ("total_steps", "epochs", "steps_per_epoch", "dataset_tokens", "target_checkpoints",
+                 "log_steps_first_epoch", "min_checkpoint_interval", "auto_generate_checkpoints",
+                 "checkpoint_schedule")
+"""The keys of ``training:`` read here (the section may hold the trainer's own keys too)."""
+_NESTED = {"retention": Retention, "backup_retention": Retention, "schedule": Schedule}
+
+
+def load_yaml_text(text: str, source: str) -> dict[str, Any]:
+    """The mapping in YAML ``text`` (``yaml.safe_load``); ``source`` names it in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} is not valid: expected a mapping at the top, found a "
+                          f"{type(data).__name__}")
+    return data
+
+
+def _section(config: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
+    value = config.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {name}={value!r} is not valid: expected a mapping")
+    return dict(value)
+
+
+def _check_keys(where: str, given: Mapping[str, Any], known: Sequence[str], *, strict: bool) -> None:
+    for key in given:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+        if key in known or (not strict and not close):
+            continue
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(known)}")
+
+
+def _whole(where: str, value: Any, low: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError.field(where, value, f"an integer >= {low}")
+    return value
+
+
+def _flag(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError.field(where, value, "true or false")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    """The inputs of ``plan_checkpoints`` as a ``training:`` section gives them."""
+
+    total_steps: int
+    """Steps in the whole run (``total_steps``, or ``epochs * steps_per_epoch``)."""
+    steps_per_epoch: int
+    """Steps per epoch; the whole run when the section names no epochs."""
+    target: int | None = None
+    """``target_checkpoints``: an explicit number of checkpoints."""
+    dataset_tokens: int | None = None
+    """Dataset size in tokens; picks the target by size category when ``target`` is None."""
+    log_steps_first_epoch: bool = True
+    """Also save at the powers of two in the first epoch."""
+    min_interval: int = 100
+    """``min_checkpoint_interval``: the closest a gap-filling step comes to any other."""
+
+    def target_for(self, targets: Mapping[str, int] | None = None) -> tuple[int | None, str]:
+        """The target ``plan`` aims at (None: the forced steps only) and where it comes from."""
+        if self.target is not None:
+            return self.target, "training.target_checkpoints"
+        if self.dataset_tokens is None:
+            return None, "no target_checkpoints or dataset_tokens: forced steps only"
+        category = size_category(self.dataset_tokens)
+        return {**DEFAULT_TARGETS, **(targets or {})}[category], f"{category} dataset"
+
+    def plan(self, targets: Mapping[str, int] | None = None) -> list[int]:
+        return plan_checkpoints(self.total_steps, self.steps_per_epoch, target=self.target,
+                                dataset_tokens=self.dataset_tokens, targets=targets,
+                                log_steps_first_epoch=self.log_steps_first_epoch,
+                                min_interval=self.min_interval)
+
+
+def plan_request(config: Mapping[str, Any], source: str = "config") -> PlanRequest:
+    """Read the ``training:`` section of a parsed config; ``ConfigError`` names what is wrong."""
+    training = _section(config, "training", source)
+    _check_keys(f"{source}: training", training, TRAINING_KEYS, strict=False)
+    where = f"{source}: training."
+    get = {k: training[k] for k in TRAINING_KEYS if training.get(k) is not None}
+    total = _whole(where + "total_steps", get["total_steps"], 1) if "total_steps" in get else None
+    epochs = _whole(where + "epochs", get["epochs"], 1) if "epochs" in get else None
+    per_epoch = _whole(where + "steps_per_epoch", get["steps_per_epoch"], 1) if "steps_per_epoch" in get else None
+    if total is None and (epochs is None or per_epoch is None):
+        raise ConfigError(f"{where}total_steps is missing (or give both training.epochs and "
+                          "training.steps_per_epoch)")
+    if total is None:
+        total = epochs * per_epoch
+    elif per_epoch is None:
+        per_epoch = max(1, total // epochs) if epochs else total
+    elif epochs is not None and epochs * per_epoch != total:
+        raise ConfigError(f"{where}total_steps={total} disagrees with epochs={epochs} x "
+                          f"steps_per_epoch={per_epoch}")
+    return PlanRequest(
+        total_steps=total, steps_per_epoch=per_epoch,
+        target=_whole(where + "target_checkpoints", get["target_checkpoints"], 0)
+        if "target_checkpoints" in get else None,
+        dataset_tokens=_whole(where + "dataset_tokens", get["dataset_tokens"], 0)
+        if "dataset_tokens" in get else None,
+        log_steps_first_epoch=_flag(where + "log_steps_first_epoch", get.get("log_steps_first_epoch", True)),
+        min_interval=_whole(where + "min_checkpoint_interval", get.get("min_checkpoint_interval", 100), 1))
+
+
+def options_from_dict(config: Mapping[str, Any], source: str = "config",
+                      overrides: Mapping[str, Any] | None = None) -> tuple[str, ManagerOptions]:
+    """The root and ``ManagerOptions`` from a parsed config (see the module docstring).
+
+    ``overrides`` replace keys of the ``checkpoint:`` section (same names, values
+    may be objects: ``Retention``, ``Schedule``).  When the schedule has no
+    ``at_steps``, they come from ``training.checkpoint_schedule``, or else, with
+    ``training.auto_generate_checkpoints: true``, from ``plan_request(...).plan()``.
+    """
+    section = {**_section(config, "checkpoint", source), **(overrides or {})}
+    known = ["root", *(f.name for f in fields(ManagerOptions))]
+    _check_keys(f"{source}: checkpoint", section, known, strict=True)
+    root = section.pop("root", None)
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"{source}: checkpoint.root is missing: expected the checkpoint URL or path")
+    for name, cls in _NESTED.items():
+        if isinstance(section.get(name), Mapping):
+            section[name] = _build(cls, section[name], f"{source}: checkpoint.{name}")
+    section["schedule"] = _with_planned_steps(config, section.get("schedule"), source)
+    try:
+        return root, ManagerOptions.from_kwargs(section)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: checkpoint: {e}") from e
+
+
+def _build(cls: type, given: Mapping[str, Any], where: str) -> Any:
+    _check_keys(where, given, [f.name for f in fields(cls)], strict=True)
+    try:
+        return cls(**given)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _with_planned_steps(config: Mapping[str, Any], schedule: Any, source: str) -> Any:
+    if schedule is not None and (not isinstance(schedule, Schedule) or schedule.at_steps is not None):
+        return schedule
+    training = _section(config, "training", source)
+    steps = training.get("checkpoint_schedule")
+    if steps is None and _flag(f"{source}: training.auto_generate_checkpoints",
+                               training.get("auto_generate_checkpoints", False)):
+        steps = plan_request(config, source).plan()
+    if steps is None:
+        return schedule
+    where = f"{source}: training.checkpoint_schedule"
+    if schedule is None:
+        return _build(Schedule, {"at_steps": steps}, where)
+    return _build(Schedule, {**{f.name: getattr(schedule, f.name) for f in fields(Schedule)},
+                             "at_steps": steps}, where)
+
+
+def with_checkpoint_schedule(text: str, plan: Sequence[int], source: str = "config") -> tuple[str, bool]:
+    """``text`` with ``training.checkpoint_schedule`` set to ``plan``, and whether
+    the layout was kept.
+
+    Edits the text (comments and layout survive) when ``training:`` is a block
+    mapping at column 0; otherwise re-dumps the whole document (comments are
+    lost; the flag is False).  The edited text is parsed back and checked.
+    """
+    original = load_yaml_text(text, source)
+    expected = {**original, "training": {**_section(original, "training", source),
+                                         "checkpoint_schedule": list(plan)}}
+    edited = _edit_block(text, list(plan))
+    if edited is not None and load_yaml_text(edited, source) == expected:
+        return edited, True
+    return yaml.safe_dump(expected, sort_keys=False, default_flow_style=None, width=100), False
+
+
+def _edit_block(text: str, plan: list[int]) -> str | None:
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.fullmatch(r"training\s*:\s*(#.*)?\n?", ln)), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if _indent(lines[i]) == 0), len(lines))
+    body = [i for i in range(start + 1, end) if _indent(lines[i]) is not None]
+    indent = min((_indent(lines[i]) or 0 for i in body), default=2)
+    key = next((i for i in body if _indent(lines[i]) == indent
+                and re.match(r"\s*checkpoint_schedule\s*:", lines[i])), None)
+    if key is None:
+        at = (body[-1] + 1) if body else start + 1
+        stop = at
+    else:
+        at, stop = key, key + 1
+        while stop < end and (_indent(lines[stop]) is None or _indent(lines[stop]) > indent
+                              or lines[stop].lstrip().startswith("- ")):
+            stop += 1
+        while stop > key + 1 and _indent(lines[stop - 1]) is None:  # keep the comments after it
+            stop -= 1
+    if at > 0 and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    return "".join(lines[:at] + _flow_list(" " * indent, plan) + lines[stop:])
+
+
+def _indent(line: str) -> int | None:
+    """Leading spaces of a line with content; None for blank and comment-only lines."""
+    stripped = line.lstrip(" ")
+    return None if not stripped.strip() or stripped.startswith("#") else len(line) - len(stripped)
+
+
+def _flow_list(pad: str, plan: list[int], width: int = 100) -> list[str]:
+    out, line = [], f"{pad}checkpoint_schedule: ["
+    for i, step in enumerate(plan):
+        item = f"{step}{', ' if i < len(plan) - 1 else ''}"
+        if len(line) + len(item) > width and not line.endswith("["):
+            out.append(line.rstrip() + "\n")
+            line = pad + "  "
+        line += item
+    return [*out, line + "]\n"]

@@ -4,24 +4,28 @@ Writing follows DCP's file layout (``__<rank>_<n>.distcp`` shards and a
 pickled ``.metadata``), so an uncompressed checkpoint is a plain DCP
 checkpoint that ``torch.distributed.checkpoint.load`` reads.  With a codec,
 each tensor is stored as its raw bytes, byte-grouped and zstd-compressed
-(``codec.py``); object blobs are stored as they are.  Every file's checksum is
-computed while it is written, and every file is fsynced before ``write_data``
-returns.
+(``codec.py``), and each object blob is zstd-compressed too, so every item
+carries its own CRCs (a damaged item is caught even with ``verify=False``).
+Every file's checksum is computed while it is written, and every file is
+fsynced before ``write_data`` returns.
 
 Reading never unpickles arbitrary objects: ``.metadata`` goes through an
-allow-list unpickler, tensors of plain files through ``torch.load
-(weights_only=True)``, and object blobs are handed back as bytes.
+allow-list unpickler (DCP's metadata dataclasses and enums, dtypes, paths and
+plain containers) and every item must have a location in the folder; tensors
+of plain files go through ``torch.load(weights_only=True)``, and object blobs
+are handed back as bytes (``planner.SafeLoadPlanner`` loads them weights-only).
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import io
 import logging
 import pickle
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -59,7 +63,10 @@ def unwrap_failures(exc: BaseException) -> dict[int, BaseException]:
         return {-1: exc}
     out = {}
     for rank, wrapped in failures.items():
-        inner = getattr(wrapped, "exception", wrapped)
+        if isinstance(wrapped, tuple) and wrapped and isinstance(wrapped[0], BaseException):
+            inner = wrapped[0]  # DCP wraps each failure as (exception, traceback summary)
+        else:
+            inner = getattr(wrapped, "exception", wrapped)
         out[int(rank)] = inner if isinstance(inner, BaseException) else RuntimeError(str(inner))
     return out
 
@@ -165,8 +172,12 @@ class CheckpointWriter(StorageWriter):
         return results
 
     def _write_item(self, out: Any, item: WriteItem, data: Any) -> None:
-        if item.type == WriteItemType.BYTE_IO:
+        if item.type == WriteItemType.BYTE_IO and self.codec is None:
             out.write(data.getbuffer())
+            return
+        if item.type == WriteItemType.BYTE_IO:  # small: encoded for its CRCs, one chunk at a time
+            for piece in _codec.encode(data.getbuffer(), itemsize=1, options=self.codec):
+                out.write(piece)
             return
         t = _plain_tensor(data)
         if self.codec is None:
@@ -212,7 +223,16 @@ _BUILTINS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "
              ("builtins", "dict"), ("builtins", "object"), ("copyreg", "_reconstructor"),
              ("torch", "Size"),
              # looks a torch.layout up by name in a fixed table; runs nothing else
-             ("torch.serialization", "_get_layout")}
+             ("torch.serialization", "_get_layout"),
+             # plain DCP records StorageMeta.checkpoint_id as a path; constructing one runs nothing
+             ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+             ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+def _is_metadata_class(obj: Any) -> bool:
+    """DCP's own plain-data classes (dataclasses and enums), not writers, readers or helpers."""
+    return (isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint.")
+            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -227,7 +247,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module in _METADATA_MODULES and not name.startswith("__"):
             obj = super().find_class(module, name)
-            if isinstance(obj, type):
+            if _is_metadata_class(obj):
                 return obj
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
@@ -245,7 +265,30 @@ def load_metadata(data: bytes, name: str) -> dcp_metadata.Metadata:
         raise CorruptCheckpointError(name, "DCP metadata", "unreadable pickle", str(e)) from e
     if not isinstance(md, dcp_metadata.Metadata):
         raise CorruptCheckpointError(name, "DCP Metadata", type(md).__name__)
+    _check_locations(md, name)
     return md
+
+
+def _check_locations(md: dcp_metadata.Metadata, name: str) -> None:
+    """Every item has a location: a plain file name in this folder and a non-negative range."""
+    where = md.storage_data
+    items = md.state_dict_metadata
+    if not isinstance(where, dict) or not isinstance(items, dict):
+        raise CorruptCheckpointError(name, "DCP metadata with item locations", "none")
+    for fqn, item in items.items():
+        chunks = getattr(item, "chunks", None)
+        keys = [dcp_metadata.MetadataIndex(fqn, c.offsets) for c in chunks] if chunks is not None \
+            else [dcp_metadata.MetadataIndex(fqn)]
+        for key in keys:
+            info = where.get(key)
+            path = getattr(info, "relative_path", None)
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if not (isinstance(path, str) and path and "/" not in path and "\\" not in path
+                    and path not in (".", "..") and isinstance(offset, int) and offset >= 0
+                    and isinstance(length, int) and length >= 0):
+                found = f"{type(info).__name__} (path={path!r}, offset={offset!r}, length={length!r})"
+                raise CorruptCheckpointError(name, f"a file and byte range for item {fqn}", found,
+                                             "damaged metadata")
 
 
 class CheckpointReader(StorageReader):
@@ -329,6 +372,8 @@ class CheckpointReader(StorageReader):
                 raise CorruptCheckpointError(url, f"an item of {info.length} bytes at {info.offset}",
                                              f"{len(blob)} bytes", "file is truncated")
             if req.type == LoadItemType.BYTE_IO:
+                if encoded:
+                    blob = memoryview(_codec.decode_bytes(blob, name=url))
                 with self._lock:
                     planner.load_bytes(req, io.BytesIO(blob))
                 continue
@@ -372,3 +417,112 @@ def _narrow(t: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
         if off != 0 or length != t.size(dim):
             t = t.narrow(dim, off, length)
     return t
+
+
+# -- looking inside (asyncckpt inspect / diff) ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ItemInfo:
+    """One item of a checkpoint, from its DCP metadata alone (no tensor data read)."""
+
+    key: str
+    kind: str
+    """``"tensor"`` or ``"object"`` (a blob: scheduler, RNG, extra, optimizer hyperparameters)."""
+    dtype: str | None
+    shape: tuple[int, ...] | None
+    raw_bytes: int | None
+    """numel x element size for a tensor; None for an object."""
+    stored_bytes: int
+    """Bytes the item takes in its shard files (compressed when the checkpoint is)."""
+    files: tuple[str, ...]
+
+
+def describe(folder: Storage, files: Mapping[str, FileEntry] | None = None, *,
+             verify: bool = True) -> list[ItemInfo]:
+    """Every item of the checkpoint in ``folder``, sorted by key (reads ``.metadata`` only)."""
+    md = CheckpointReader(folder, files=files, verify=verify).read_metadata()
+    stored: dict[str, int] = {}
+    where: dict[str, set[str]] = {}
+    for index, info in md.storage_data.items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+        where.setdefault(index.fqn, set()).add(info.relative_path)
+    out = []
+    for key, meta in sorted(md.state_dict_metadata.items()):
+        tensor = isinstance(meta, dcp_metadata.TensorStorageMetadata)
+        dtype = meta.properties.dtype if tensor else None
+        shape = tuple(meta.size) if tensor else None
+        raw = meta.size.numel() * dtype.itemsize if tensor else None
+        out.append(ItemInfo(key=key, kind="tensor" if tensor else "object",
+                            dtype=str(dtype).removeprefix("torch.") if dtype else None, shape=shape,
+                            raw_bytes=raw, stored_bytes=stored.get(key, 0),
+                            files=tuple(sorted(where.get(key, ())))))
+    return out
+
+
+class _BytesPlanner(LoadPlanner):
+    """A load planner that keeps object items as their raw bytes (nothing is unpickled)."""
+
+    def __init__(self, targets: dict[str, Any]) -> None:
+        self.targets = targets
+        self.blobs: dict[str, bytes] = {}
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        from torch.distributed.checkpoint.planner_helpers import _create_read_items
+
+        assert self.metadata is not None
+        return LoadPlan([item for key, target in self.targets.items() for item in
+                         _create_read_items(key, self.metadata.state_dict_metadata[key], target)])
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        self.blobs[read_item.dest_index.fqn] = value.getvalue()
+
+    def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+        t = self.targets[read_item.dest_index.fqn]
+        return _narrow(t, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+        pass
+
+
+def read_items(folder: Storage, files: Mapping[str, FileEntry] | None = None,
+               keys: Sequence[str] | None = None, *, verify: bool = True,
+               batch_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor | bytes]]:
+    """``(key, value)`` for the checkpoint's items (all, or ``keys``), in key order: a tensor
+    whole on CPU (shards put together), or an object's serialised bytes (never unpickled;
+    ``planner.safe_load`` reads them weights-only).  Reads about ``batch_bytes`` at a time."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    reader = CheckpointReader(folder, files=files, verify=verify)
+    saved = reader.read_metadata().state_dict_metadata
+    wanted = sorted(saved) if keys is None else list(keys)
+    batch: dict[str, Any] = {}
+    size = 0
+    for i, key in enumerate(wanted):
+        meta = saved[key]
+        if isinstance(meta, dcp_metadata.TensorStorageMetadata):
+            batch[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+            size += batch[key].numel() * batch[key].element_size()
+        else:
+            batch[key] = None
+        if size >= batch_bytes or i == len(wanted) - 1:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                planner = _BytesPlanner(batch)
+                try:
+                    dcp.load(batch, storage_reader=reader, planner=planner, no_dist=True)
+                except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
+                    reraise_own(e)
+                    raise
+            yield from ((k, planner.blobs[k] if v is None else v) for k, v in batch.items())
+            batch, size = {}, 0

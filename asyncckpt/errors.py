@@ -15,6 +15,19 @@ from collections.abc import Iterable, Mapping, Sequence
 class AsyncCkptError(Exception):
     """Root of every error raised by asyncckpt."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable although subclasses take other arguments than the message: ranks send
+        # errors to each other (DCP's failure gather, the restore broadcast).
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[AsyncCkptError], args: tuple[object, ...],
+             state: dict[str, object]) -> AsyncCkptError:
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
 
 class ConfigError(AsyncCkptError, ValueError):
     """An option has a value that is not allowed."""

@@ -9,6 +9,7 @@ commits and then applies retention.  ``restore`` picks a committed checkpoint
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -16,14 +17,15 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
 
 from . import _dist, restore as _restore
 from .codec import CodecOptions
-from .config import ManagerOptions
+from .config import ManagerOptions, load_yaml_text, options_from_dict
 from .errors import (
     AsyncCkptError,
     CheckpointExistsError,
@@ -33,13 +35,23 @@ from .errors import (
     IntegrityError,
     StorageError,
 )
-from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
+from .manifest import (MANIFEST_NAME, CheckpointInfo, Manifest, check_step, parse_step_dir, select,
+                       step_dir_name)
+from .dcp_io import METADATA_NAME
 from .pipeline import Pipeline, SaveHandle, SaveJob
-from .retention import Retention
-from .schedule import Schedule, ScheduleState
-from .staging import stage
-from .state import PARTS, TrainState
-from .storage import Storage, list_committed, read_manifest, uncommitted_steps, verify_files
+from .planner import PlanCache
+from .retention import Retention, RetentionPlan, metric_value
+from .schedule import Schedule, ScheduleState, format_params
+from .signals import StopSignals, signal_name
+from .staging import Stager
+from .state import TrainState, storage_ptr
+from .mirror import Mirror, with_backup
+from .multipart import Upload
+from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, list_committed,
+                      read_manifest, uncommitted_steps, verify_files)
+from .release import (Provenance, ReleaseInfo, ReleaseOptions, checkpoint_weights, is_release,
+                      list_releases, release_weights, remove_unfinished_releases, state_weights,
+                      with_release_tags, write_release)
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +119,62 @@ class CheckpointManager:
         self.options = ManagerOptions.from_kwargs(dict(
             retention=retention, schedule=schedule, compression=compression, staging=staging,
             backup=backup, storage_options=storage_options, on_error=on_error, **options))
-        self.storage = Storage(root, self.options.storage_options)
+        upload = Upload(part_bytes=self.options.upload_part_bytes,
+                        concurrency=self.options.upload_concurrency)
+        self.storage = Storage(root, self.options.storage_options, upload=upload)
         self.root = self.storage.url
+        self.backup_storage = (Storage(self.options.backup, self.options.backup_storage_options,
+                                       upload=upload) if self.options.backup else None)
         self.rank, self.world_size = _dist.rank(), _dist.world_size()
         self._fg_group = _dist.new_cpu_group()
         self._bg_group = _dist.new_cpu_group()
+        self._plans = PlanCache(lambda obj: _dist.all_gather_object(obj, self._fg_group),
+                                rank=self.rank, world_size=self.world_size)
         self._schedule_state = ScheduleState()
+        self._step_hooks: dict[int, Any] = {}
+        self._stager = Stager(mode=self.options.staging, budget_bytes=self.options.pinned_memory_budget,
+                              pageable_sets=self.options.max_pending)
         self._host, self._device, self._git = socket.gethostname(), _device_name(), _git_commit()
         if self.rank == 0:
             self._prepare_root()
         _dist.barrier(self._fg_group)
         codec = CodecOptions(level=self.options.zstd_level) if self.options.compression else None
+        self._mirror = (Mirror(self.storage, self.backup_storage,
+                               self.options.backup_retention or self.retention,
+                               on_error=self.options.on_error)
+                        if self.backup_storage is not None and self.rank == 0 else None)
         self._pipeline = Pipeline(self.storage, codec=codec, group=self._bg_group, rank=self.rank,
                                   max_pending=self.options.max_pending,
                                   writer_threads=self.options.writer_threads,
                                   on_error=self.options.on_error,
-                                  after_commit=self._after_commit if self.rank == 0 else None)
+                                  after_commit=self._after_commit if self.rank == 0 else None,
+                                  on_failure=self.options.on_failure if self.rank == 0 else None)
+        self._initial = (_restore.select_parts(self.options.initial_include)
+                         if self.options.initial_from is not None else None)
+        self.last_restore_report: _restore.RestoreReport | None = None
+        """What the last ``restore()`` loaded, and the keys it found missing or unexpected."""
         self._closed = False
         _live.add(self)
+        self._should_stop = False
+        self._last_handle: SaveHandle | None = None
+        self._signals = StopSignals() if self.options.save_on_signal else None
+        if self._signals is not None:
+            self._signals.install()
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike[str] | Mapping[str, Any],
+                    **overrides: Any) -> "CheckpointManager":
+        """A manager from a YAML file (or its parsed dict): the ``checkpoint:`` section
+        (``root`` and any option), and ``training:`` for a planned schedule; see
+        ``asyncckpt.config``.  ``overrides`` replace keys of ``checkpoint:``."""
+        if isinstance(config, Mapping):
+            data, source = config, "config"
+        else:
+            source = os.fspath(config)
+            with open(source, encoding="utf-8") as f:
+                data = load_yaml_text(f.read(), source)
+        root, options = options_from_dict(data, source, overrides)
+        return cls(root, **{f.name: getattr(options, f.name) for f in fields(options)})
 
     # -- setup -------------------------------------------------------------------
     def _prepare_root(self) -> None:
@@ -136,6 +186,8 @@ class CheckpointManager:
             name = step_dir_name(step)
             log.warning("removing %s: a save that never committed", self.storage.url_of(name))
             self.storage.remove(name, recursive=True)
+        abort_unfinished_saves(self.storage)
+        remove_unfinished_releases(self.storage)
 
     @property
     def retention(self) -> Retention | None:
@@ -152,16 +204,33 @@ class CheckpointManager:
         """Stage ``state`` and return; the write and commit happen in the background."""
         self._check_open()
         self._pipeline.raise_pending()
+        if self._mirror is not None:
+            self._mirror.raise_pending()
         check_step(step)
         if not isinstance(state, TrainState):
             raise ConfigError.field("state", type(state).__name__, "a TrainState")
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
             raise ConfigError.field("epoch", epoch, "a non-negative integer or None")
         metrics_f, tags_t = _check_metrics(metrics), _check_tags(tags)
+        if _dist.world_size() != self.world_size:
+            raise ConfigError(f"the job now has {_dist.world_size()} ranks, the manager was made "
+                              f"for {self.world_size}: create the CheckpointManager after "
+                              "init_process_group")
         if not overwrite:
             self._refuse_existing(step)
         started = time.perf_counter()
-        staged = stage({**state.tensors(), **state.objects(self.rank)})
+        # plan first (collective, cached), then stage only the items this rank writes
+        plan, mine = self._plans.plan(lambda: {**state.tensors(), **state.objects(self.rank)}, step=step)
+        try:
+            staged = self._stager.stage(
+                mine,
+                on_wait=lambda: log.warning("step=%d rank=%d: every staging buffer is still being "
+                                            "written; waiting for the writer", step, self.rank),
+                deferrable=self._deferrable(state))
+        except Exception as e:
+            if self.world_size > 1:  # the other ranks' writers expect this save: fail it on all
+                self._pipeline.submit_failed(step, e)
+            raise
         handle = SaveHandle(step)
         handle._set_staged(staged.bytes_staged, time.perf_counter() - started)
         manifest = Manifest(step=step, epoch=epoch, time=_utc_now(), metrics=metrics_f, tags=tags_t,
@@ -169,7 +238,7 @@ class CheckpointManager:
                             codec=self.options.compression, torch_version=torch.__version__,
                             git_commit=self._git, host=self._host, device=self._device)
         self._pipeline.submit(SaveJob(handle=handle, staged=staged, manifest=manifest,
-                                      overwrite=overwrite))
+                                      overwrite=overwrite, plan=plan))
         log.debug("step=%d rank=%d: staged %d bytes in %.3fs", step, self.rank,
                   staged.bytes_staged, handle.stall_s)
         if blocking:
@@ -190,74 +259,173 @@ class CheckpointManager:
     def maybe_save(self, step: int, state: TrainState, *, metrics: Mapping[str, Any] | None = None,
                    epoch: int | None = None, epoch_end: bool = False, force: bool = False,
                    tags: Sequence[str] = ()) -> SaveHandle | None:
-        """Save when the schedule (or ``force``) says so; otherwise do nothing."""
+        """Save when the schedule, ``force`` or a stop signal says so; otherwise do nothing.
+
+        A step this manager already saved (or restored) is not saved again, even
+        with ``force``.  After SIGTERM/SIGINT (``save_on_signal=True``) it saves
+        at once, waits up to ``signal_grace_s`` for the commit and sets
+        ``should_stop``.  Distributed, when ``save_on_signal`` is on or the
+        schedule is clock-based (``every_seconds``, ``auto``), each call runs one
+        tiny all_reduce on the manager's gloo group (about 0.1 ms) so all ranks
+        agree; a rank's wish to save, or its signal, counts for all.
+        """
         self._check_open()
         check_step(step)
-        now = time.monotonic()
+        now, sched, st = time.monotonic(), self.schedule, self._schedule_state
+        st.tick(step, now)
         decision = None
-        if self.schedule is not None:
-            decision = self._schedule_state.decide(self.schedule, step=step, now=now,
-                                                   epoch_end=epoch_end,
-                                                   param_count=state.trainable_param_count())
-        if not force and not (decision and decision.save):
+        if sched is not None:
+            count = state.trainable_param_count() if sched.param_milestones else None
+            decision = st.decide(sched, step=step, now=now, epoch_end=epoch_end, param_count=count)
+        wanted, signalled = self._agree(force or bool(decision and decision.save))
+        if step == st.last_save_step or not (wanted or signalled):
+            if signalled:
+                log.warning("step=%d rank=%d: stop signal: step already saved; stopping", step, self.rank)
+                self._stop_after(self._last_handle)
+            elif not self._stager.warm:
+                self._prewarm_staging(state)
             return None
-        all_tags = [*tags, *(decision.tags if decision else ()), *(["epoch_end"] if epoch_end else [])]
-        handle = self.save(step, state, metrics=metrics, epoch=epoch, tags=all_tags)
-        self._schedule_state.record_save(step, now, stall_s=handle.stall_s,
-                                         milestones=decision.milestones if decision else ())
+        extra = list(decision.tags if decision else ("epoch_end",) if epoch_end else ())
+        if signalled:
+            got = self._signals.received if self._signals is not None else None
+            extra.append(f"signal:{signal_name(got)}" if got is not None else "signal")
+            log.warning("step=%d rank=%d: %s: saving now and stopping (a second signal exits at once)",
+                        step, self.rank, extra[-1])
+        started = time.monotonic()
+        handle = self.save(step, state, metrics=metrics, epoch=epoch, tags=[*tags, *extra])
+        st.record_save(step, now, stall_s=time.monotonic() - started,
+                       milestones=decision.milestones if decision else ())
+        self._last_handle = handle
+        if signalled:
+            self._stop_after(handle)
+        elif sched is not None and sched.auto and self.rank == 0:
+            change = st.interval_change(sched)
+            if change is not None:
+                log.info("step=%d rank=%d: auto checkpoint interval %d steps: %s", step, self.rank, *change)
         return handle
+
+    @property
+    def should_stop(self) -> bool:
+        """True once ``maybe_save`` has handled a stop signal (final save done): leave the loop."""
+        return self._should_stop
+
+    def _agree(self, wanted: bool) -> tuple[bool, bool]:
+        """(save, stop signal) for this call, agreed by all ranks when distributed."""
+        got = self._signals is not None and self._signals.received is not None and not self._should_stop
+        sched = self.schedule
+        clock = sched is not None and (sched.every_seconds is not None or sched.auto)
+        if self.world_size == 1 or not (self.options.save_on_signal or clock):
+            return wanted, got
+        agreed = _dist.all_reduce_max([int(wanted), int(got)], self._fg_group)
+        return bool(agreed[0]), bool(agreed[1]) and not self._should_stop
+
+    def _stop_after(self, handle: SaveHandle | None) -> None:
+        """Wait up to ``signal_grace_s`` for the final save; then ``should_stop``."""
+        self._should_stop = True
+        if handle is None:
+            return
+        try:
+            handle.result(timeout=self.options.signal_grace_s)
+        except TimeoutError:
+            log.error("step=%d rank=%d: the final save did not commit within signal_grace_s=%g s",
+                      handle.step, self.rank, self.options.signal_grace_s)
+        except Exception as e:
+            if self.options.on_error != "warn":
+                raise
+            log.error("step=%d rank=%d: the final save failed: %s", handle.step, self.rank, e)
+
+    def prewarm(self, state: TrainState) -> None:
+        """Allocate staging buffers for ``state`` in the background, ahead of the first save."""
+        self._check_open()
+        self._prewarm_staging(state)
+
+    def _prewarm_staging(self, state: TrainState) -> None:
+        """Prewarm for this rank's share of the state (known once a save plan is cached)."""
+        mine = self._plans.cached_selection(state.layout_tensors())
+        if mine is not None:
+            self._stager.prewarm(mine)
 
     # -- post-commit ---------------------------------------------------------------
     def _after_commit(self, manifest: Manifest) -> None:
-        if self.retention is None:
+        try:
+            self._retain_and_mirror(manifest)
+        finally:
+            if self.options.on_commit is not None:
+                info = CheckpointInfo.from_manifest(manifest, self.storage.url_of(step_dir_name(manifest.step)))
+                try:
+                    self.options.on_commit(info)
+                except Exception as e:  # noqa: BLE001 - a callback never breaks a save
+                    log.error("step=%d rank=%d: on_commit callback raised: %r", manifest.step, self.rank, e)
+
+    def _retain_and_mirror(self, manifest: Manifest) -> None:
+        if self._mirror is not None:
+            self._mirror.submit(manifest.step)
+        policy = self.retention
+        if policy is None:
             return
-        self.prune(self.retention)
+        missing = [m for m in policy.metrics if metric_value(manifest, m) is None] \
+            if policy.keep_best else []
+        if missing:  # once per save: only the checkpoint just committed is looked at
+            log.warning("step=%d rank=%d: no finite value of metric %s, which keep_best=%d ranks "
+                        "by; retention keeps this checkpoint only by its other rules", manifest.step,
+                        self.rank, ", ".join(map(repr, missing)), policy.keep_best)
+        if not policy.disabled:
+            self._prune(policy, dry_run=False)
 
     def prune(self, retention: Retention | None = None, *, dry_run: bool = False) -> list[int]:
-        """Delete what the retention policy drops; returns the steps deleted (or to delete)."""
+        """Delete what the retention policy (default: the manager's) drops, each manifest first;
+        returns the steps deleted (with ``dry_run``: that would be).  Only rank 0 deletes."""
         policy = retention or self.retention
         if policy is None:
             raise ConfigError("prune() needs a Retention: pass one or configure retention=")
-        manifests = list_committed(self.storage)
-        plan = policy.plan(manifests)
-        for step, metric in plan.missing_metric:
-            log.warning("step=%d has no metric %r; keep_best ignores it", step, metric)
-        if dry_run:
-            return list(plan.delete)
-        for step in plan.delete:
-            self._delete(step)
+        plan = self._prune(policy, dry_run=dry_run)
+        if plan.missing_metric:
+            log.warning("%d checkpoint(s) lack a finite value of a metric keep_best ranks by "
+                        "(e.g. step=%d, %r); they are kept only by the other rules",
+                        len({s for s, _ in plan.missing_metric}), *plan.missing_metric[0])
         return list(plan.delete)
 
-    def _delete(self, step: int) -> None:
-        """Manifest first, so a half-deleted folder is never listed."""
-        name = step_dir_name(step)
-        self.storage.remove(f"{name}/{MANIFEST_NAME}")
-        self.storage.fsync_dir(name)
-        self.storage.remove(name, recursive=True)
-        log.info("step=%d: deleted by retention", step)
+    def _prune(self, policy: Retention, *, dry_run: bool) -> RetentionPlan:
+        """Plan over the committed checkpoints (releases' sources tagged ``release:<v>``), delete."""
+        plan = policy.plan(with_release_tags(self.storage, list_committed(self.storage)))
+        if not dry_run and self.rank == 0:
+            for step in plan.delete:
+                delete_checkpoint(self.storage, step)  # manifest first: never listed half-deleted
+                log.info("step=%d rank=%d: deleted by retention", step, self.rank)
+        return plan
 
     # -- listing, verifying and restoring ---------------------------------------------
     def verify(self, step: int | None = None) -> dict[int, list[str]]:
         """Check every file of one checkpoint (or all) against its manifest.
 
         Returns ``{step: [problems]}``; a checkpoint with an empty list is whole.
+        A manifest that cannot be read is a problem too (``list()`` skips it).
         """
-        steps = [check_step(step)] if step is not None else [m.step for m in list_committed(self.storage)]
+        store = self.storage
+        steps = [check_step(step)] if step is not None else sorted(
+            s for name in store.list_dirs() if (s := parse_step_dir(name)) is not None
+            and MANIFEST_NAME in store.list_files(name))
         out = {}
         for s in steps:
             try:
-                m = read_manifest(self.storage, s)
+                m = read_manifest(store, s)
             except StorageError as e:
                 raise CheckpointNotFoundError(f"at step {s}", self.root,
-                                              [m.step for m in list_committed(self.storage)]) from e
-            out[s] = verify_files(self.storage.child(step_dir_name(s)), m)
+                                              [m.step for m in list_committed(store)]) from e
+            except CorruptCheckpointError as e:
+                out[s] = [str(e)]
+                continue
+            out[s] = verify_files(store.child(step_dir_name(s)), m)
         return out
 
-    def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
-        manifests = list_committed(self.storage)
+    def list(self, *, backup: bool = False) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first (on the backup with ``backup=True``)."""
+        store = self._backup_or_raise() if backup else self.storage
+        manifests = list_committed(store)
+        if not backup:
+            manifests = with_release_tags(store, manifests)
         best_tags = self._best_tags(manifests)
-        return [CheckpointInfo.from_manifest(m, self.storage.url_of(step_dir_name(m.step)),
+        return [CheckpointInfo.from_manifest(m, store.url_of(step_dir_name(m.step)),
                                              best_tags.get(m.step, ()))
                 for m in manifests]
 
@@ -271,42 +439,128 @@ class CheckpointManager:
                 out[step] = (*out.get(step, ()), f"best:{metric}")
         return out
 
+    # -- releases ------------------------------------------------------------------------
+    def release(self, source: int | str | TrainState, *, version: str,
+                model_card: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
+                dtype: Any = None, format: str = "safetensors", model: str | None = None,
+                step: int | None = None, metrics: Mapping[str, Any] | None = None) -> ReleaseInfo:
+        """Export the model weights only to ``<root>/releases/v<version>/`` (see ``release.py``).
+
+        ``source``: a committed checkpoint (a step, ``"latest"``, ``"best"``, ``"best:acc"``;
+        pending saves are waited for first), or a live ``TrainState`` (then ``step`` and
+        ``metrics`` go into the card).  Distributed: call it on every rank (gathering a sharded
+        model is collective); rank 0 writes, every rank returns the ``ReleaseInfo`` or raises.
+        """
+        self._check_open()
+        opts = ReleaseOptions(version=version, format=format, dtype=dtype, model=model,
+                              model_card=model_card or {}, config=config or {})
+        live = isinstance(source, TrainState)
+        tensors = state_weights(source, model=model) if live else None
+        if not live:
+            self._pipeline.wait()
+        outcome: ReleaseInfo | BaseException | None = None
+        if self.rank == 0:
+            try:
+                outcome = self._write_release(source, opts, tensors, step=step, metrics=metrics)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it
+                outcome = e
+        shared = _dist.broadcast_object(outcome, self._fg_group)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if isinstance(shared, BaseException):
+            raise shared
+        return shared
+
+    def _write_release(self, source: int | str | TrainState, opts: ReleaseOptions, tensors: Any, *,
+                       step: int | None, metrics: Mapping[str, Any] | None) -> ReleaseInfo:
+        if isinstance(source, TrainState):
+            origin = Provenance(step=None if step is None else check_step(step),
+                                metrics=_check_metrics(metrics), git_commit=self._git,
+                                param_count=source.param_count())
+        else:
+            found = self._candidates(source)
+            if not found:
+                raise CheckpointNotFoundError("to release", self.root, ())
+            m = found[0]
+            tensors = checkpoint_weights(self.storage.child(step_dir_name(m.step)), m, model=opts.model)
+            origin = Provenance.of(m)
+        return write_release(self.storage, opts, tensors, source=origin,
+                             torch_version=torch.__version__, now=_utc_now())
+
+    def releases(self) -> list[ReleaseInfo]:
+        """Committed releases under ``<root>/releases/``, in version order."""
+        return list_releases(self.storage)
+
     def restore(self, state: TrainState, which: int | str | os.PathLike[str] = "latest", *,
                 strict: bool = True, verify: bool | None = None,
-                include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> int:
-        """Load a checkpoint into ``state``; returns its step, or 0 when there is none."""
+                include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                fallback_to_backup: bool | None = None, map_location: Any = None) -> int:
+        """Load a checkpoint into ``state``; returns its step, or 0 when there is none.
+
+        ``include``/``exclude`` pick parts (``"model"``, ``"optimizer"``, ``"scheduler"``,
+        ``"dataloader"``, ``"rng"``, ``"extra"``) or one model or optimizer by name
+        (``"model:encoder"``); the rest of ``state`` is left as it is.  ``strict=False`` loads
+        what matches and reports missing and unexpected keys (a warning, and
+        ``last_restore_report``) instead of raising; shapes must still match.
+        ``map_location`` (e.g. ``"cpu"``) is where tensors inside loaded objects go; model
+        and optimizer tensors always land in the live tensors, on their devices.  With no
+        checkpoint and ``initial_from`` set, that source is loaded (``initial_include`` only)
+        and 0 is returned.
+
+        With a backup (``fallback_to_backup`` defaults to True when one is
+        configured), a checkpoint missing or damaged on the primary is read from
+        the backup, with a warning.  ``which`` may be the path of a folder that
+        plain ``torch.distributed.checkpoint.save`` wrote (no manifest): it is
+        read as safely as ours, but has no checksums to verify, and counts as step 0.
+        """
         self._check_open()
         self._pipeline.raise_pending()
+        fallback = self.backup_storage is not None if fallback_to_backup is None else fallback_to_backup
+        if fallback:
+            self._backup_or_raise()
         verify = self.options.verify_on_restore if verify is None else verify
         parts = self._parts(include, exclude)
+        _restore.check_map_location(map_location)
+        load = dict(strict=strict, verify=verify, select=parts, map_location=map_location)
         if isinstance(which, os.PathLike) or (isinstance(which, str) and _is_path(which)):
-            return self._restore_path(state, os.fspath(which), strict=strict, verify=verify, parts=parts)
-        candidates = self._agreed_candidates(which)
+            return self._restore_path(state, os.fspath(which), **load)
+        candidates = self._agreed_candidates(which, fallback)
         if not candidates:
+            if self._initial is not None and which == "latest":
+                self._restore_path(state, os.fspath(self.options.initial_from), initial=True,
+                                   **{**load, "select": self._initial})
+            self._prewarm_staging(state)
             return 0
         errors = []
-        for m in candidates:
+        for i, (m, from_backup) in enumerate(candidates):
+            store = self.backup_storage if from_backup else self.storage
+            assert store is not None
+            if from_backup:
+                log.warning("step=%d: restoring from the backup %s (the primary copy is missing "
+                            "or damaged)", m.step, store.url)
             try:
-                _restore.load_into(self.storage.child(step_dir_name(m.step)), m, state,
-                                   rank=self.rank, group=self._fg_group, strict=strict,
-                                   verify=verify, parts=parts)
+                self.last_restore_report = _restore.load_into(
+                    store.child(step_dir_name(m.step)), m, state, rank=self.rank,
+                    group=self._fg_group, **load)
             except IntegrityError as e:
-                if which != "latest":
+                if which != "latest" and i == len(candidates) - 1:
                     raise
                 errors.append(e)
-                log.warning("step=%d is damaged, falling back to an older checkpoint: %s", m.step, e)
+                log.warning("step=%d is damaged, falling back to %s: %s", m.step,
+                            "another copy" if which != "latest" else "an older checkpoint", e)
                 continue
             self._after_restore(m, state)
             return m.step
         raise CorruptCheckpointError(self.root, "a restorable checkpoint",
                                      f"{len(errors)} damaged", "; ".join(map(str, errors)))
 
-    def _agreed_candidates(self, which: int | str) -> list[Manifest]:
-        """Rank 0 decides which checkpoints to try (newest first) and every rank follows."""
-        chosen: list[Manifest] | BaseException = []
+    def _agreed_candidates(self, which: int | str, fallback: bool) -> list[tuple[Manifest, bool]]:
+        """Rank 0 decides which copies to try (newest first; ``(manifest, from_backup)``)
+        and every rank follows."""
+        chosen: list[tuple[Manifest, bool]] | BaseException = []
         if self.rank == 0:
             try:
-                chosen = self._candidates(which)
+                chosen = self._sourced_candidates(which, fallback)
             except AsyncCkptError as e:
                 chosen = e
         chosen = _dist.broadcast_object(chosen, self._fg_group)
@@ -314,13 +568,44 @@ class CheckpointManager:
             raise chosen
         return chosen
 
-    def _candidates(self, which: int | str) -> list[Manifest]:
-        manifests = list_committed(self.storage)
+    def _sourced_candidates(self, which: int | str, fallback: bool) -> list[tuple[Manifest, bool]]:
+        if not fallback or self.backup_storage is None:
+            return [(m, False) for m in self._candidates(which)]
+        missing: CheckpointNotFoundError | None = None
+        try:
+            primary = self._candidates(which)
+        except CheckpointNotFoundError as e:
+            primary, missing = [], e
+        except StorageError as e:
+            log.warning("cannot list the primary %s (%s); looking in the backup", self.root, e)
+            primary = []
+        latest = which == "latest"
+        try:
+            backup = list_committed(self.backup_storage) if latest else \
+                self._candidates(which, self.backup_storage)
+        except CheckpointNotFoundError:
+            backup = []
+        if not primary and not backup and missing is not None:
+            raise missing
+        return with_backup(primary, backup, latest=latest)
+
+    def _backup_or_raise(self) -> Storage:
+        if self.backup_storage is None:
+            raise ConfigError("there is no backup: pass backup=URL to CheckpointManager")
+        return self.backup_storage
+
+    def _candidates(self, which: int | str, storage: Storage | None = None) -> list[Manifest]:
+        storage = storage or self.storage
+        manifests = list_committed(storage)
         if which == "latest":
             return list(reversed(manifests))
         if isinstance(which, str) and (which == "best" or which.startswith("best:")):
             return [self._best(manifests, which)]
-        return [select(manifests, which, self.root)]
+        step = check_step(int(which) if isinstance(which, str) and which.isdigit() else which)
+        if step not in {m.step for m in manifests} and \
+                storage.exists(f"{step_dir_name(step)}/{MANIFEST_NAME}"):
+            return [read_manifest(storage, step)]  # raises why list_committed skipped it
+        return [select(manifests, step, self.root)]
 
     def _best(self, manifests: Sequence[Manifest], which: str) -> Manifest:
         metric = which.split(":", 1)[1] if ":" in which else None
@@ -336,41 +621,78 @@ class CheckpointManager:
                                           self.root, [m.step for m in manifests])
         return next(m for m in manifests if m.step == step)
 
-    def _restore_path(self, state: TrainState, path: str, *, strict: bool, verify: bool,
-                      parts: Sequence[str]) -> int:
+    def _restore_path(self, state: TrainState, path: str, *, initial: bool = False, **load: Any) -> int:
         folder = Storage(path, self.options.storage_options)
+        if initial:
+            self.last_restore_report = self._load_initial(folder, state, **load)
+            return 0
         try:
-            raw = folder.read_bytes(MANIFEST_NAME)
+            m = Manifest.from_json(folder.read_bytes(MANIFEST_NAME), folder.url_of(MANIFEST_NAME))
         except StorageError as e:
-            raise CheckpointNotFoundError(f"at {folder.url} (no {MANIFEST_NAME})", self.root,
-                                          [m.step for m in list_committed(self.storage)]) from e
-        m = Manifest.from_json(raw, folder.url_of(MANIFEST_NAME))
-        _restore.load_into(folder, m, state, rank=self.rank, group=self._fg_group, strict=strict,
-                           verify=verify, parts=parts)
+            if not folder.exists(METADATA_NAME):
+                raise CheckpointNotFoundError(f"at {folder.url} (no {MANIFEST_NAME})", self.root,
+                                              [m.step for m in list_committed(self.storage)]) from e
+            log.warning("rank=%d: %s has no %s: reading it as a plain DCP checkpoint (step 0, "
+                        "files not checksummed)", self.rank, folder.url, MANIFEST_NAME)
+            m = Manifest(step=0)
+        self.last_restore_report = _restore.load_into(folder, m, state, rank=self.rank,
+                                                      group=self._fg_group, **load)
         self._after_restore(m, state)
         return m.step
 
+    def _load_initial(self, source: Storage, state: TrainState, **load: Any) -> _restore.RestoreReport:
+        """The fine-tuning start: ``initial_from`` (a release, a checkpoint or a run's root)."""
+        if is_release(source):
+            report = _restore.load_weights(state, release_weights(source, verify=load["verify"]),
+                                           source=source.url, select=load["select"],
+                                           strict=load["strict"])
+        else:
+            folder, m = _restore.find_checkpoint(source)
+            report = _restore.load_into(folder, m, state, rank=self.rank, group=self._fg_group, **load)
+        log.info("rank=%d: %s has no checkpoint yet: started from %s (%s)", self.rank, self.root,
+                 report.source, ", ".join(report.loaded))
+        return report
+
     def _after_restore(self, m: Manifest, state: TrainState) -> None:
-        milestones = self.schedule.param_milestones if self.schedule else ()
-        count = state.trainable_param_count()
-        self._schedule_state.mark_milestones(ms for ms in (milestones or ()) if ms <= count)
+        milestones = tuple(self.schedule.param_milestones or ()) if self.schedule else ()
+        # reached: up to the restored trainable count, or to the largest tagged in the manifest
+        top = max([state.trainable_param_count(),
+                   *(ms for ms in milestones if f"milestone:{format_params(ms)}" in m.tags)])
+        self._schedule_state.mark_milestones(ms for ms in milestones if ms <= top)
         self._schedule_state.record_save(m.step, time.monotonic())
+        self._prewarm_staging(state)
         log.info("step=%d rank=%d: restored from %s", m.step, self.rank, self.storage.url_of(step_dir_name(m.step)))
 
     @staticmethod
-    def _parts(include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[str]:
-        for name, given in (("include", include), ("exclude", exclude)):
-            bad = [p for p in (given or ()) if p not in PARTS]
-            if bad:
-                raise ConfigError(f"{name}={list(given or ())!r} names unknown part(s) {bad}; "
-                                  f"expected some of {list(PARTS)}")
-        parts = list(include) if include is not None else list(PARTS)
-        return [p for p in parts if p not in set(exclude or ())]
+    def _parts(include: Sequence[str] | None, exclude: Sequence[str] | None) -> _restore.Selection:
+        return _restore.select_parts(include, exclude)
 
     # -- lifecycle ---------------------------------------------------------------------
+    # -- overlapped staging ----------------------------------------------------------
+    def _deferrable(self, state: TrainState) -> Any:
+        """Which tensors' copies may overlap the next forward/backward (CUDA, overlap=True)."""
+        if not (self.options.overlap and torch.cuda.is_available()):
+            return None
+        for opt in state.optimizers.values():
+            if id(opt) not in self._step_hooks:
+                self._step_hooks[id(opt)] = opt.register_step_pre_hook(
+                    lambda *_: self._stager.fence())
+        guarded = state.guarded_storages()
+        return lambda t: t.is_cuda and storage_ptr(t) in guarded
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Wrap in-place updates of checkpointed tensors other than ``optimizer.step``
+        (which is guarded already): they wait until the last save's copies are done."""
+        self._stager.fence()
+        yield
+
     def wait(self) -> None:
-        """Block until every pending save has committed; raise a background failure."""
+        """Block until every pending save has committed (and been mirrored to the backup);
+        raise a background failure."""
         self._pipeline.wait()
+        if self._mirror is not None:
+            self._mirror.wait()
 
     def close(self) -> None:
         """Wait for pending writes, stop the writer, and raise any background failure."""
@@ -378,7 +700,29 @@ class CheckpointManager:
             return
         self._closed = True
         _live.discard(self)
-        self._pipeline.close()
+        self._stager.fence()
+        for hook in self._step_hooks.values():
+            hook.remove()
+        self._step_hooks.clear()
+        signals, self._signals = self._signals, None
+        if signals is not None and signals.received is None:
+            signals.uninstall()  # nothing pending: a signal now acts as it did before us
+        try:
+            self._close_writers()
+        finally:
+            if signals is not None:
+                signals.uninstall()
+
+    def _close_writers(self) -> None:
+        """The pipeline, then the mirror (which first copies the last commit)."""
+        try:
+            self._pipeline.close()
+        except BaseException:
+            if self._mirror is not None:
+                self._mirror.close(raise_errors=False)
+            raise
+        if self._mirror is not None:
+            self._mirror.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -21,7 +21,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STEP_DIR_PATTERN = re.compile(r"step-(\d{10})")
+STEP_DIR_PATTERN = re.compile(r"step-([0-9]{10})")  # ASCII digits only, as step_dir_name writes
 _MAX_STEP = 10**10 - 1
 
 
@@ -169,7 +169,7 @@ def _parse(raw: dict[str, Any], source: str) -> Manifest:
             host=str(raw.get("host") or ""),
             device=str(raw.get("device") or ""),
         )
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CorruptCheckpointError(source, "a valid manifest", "malformed field", str(e)) from e
 
 

@@ -30,7 +30,7 @@ from .codec import CodecOptions
 from .dcp_io import CheckpointWriter, unwrap_failures
 from .errors import AsyncCkptError, SaveError
 from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, step_dir_name
-from .planner import SavePlanner
+from .planner import PlannedSavePlanner, RankPlan, SavePlanner
 from .staging import Staged
 from .storage import Storage
 
@@ -50,6 +50,8 @@ class SaveHandle:
         """Bytes this rank wrote to storage."""
         self.bytes_per_rank: dict[int, int] = {}
         """Bytes written by each rank (known on every rank once committed)."""
+        self.bytes_staged_per_rank: dict[int, int] = {}
+        """Bytes staged by each rank (known on every rank once committed)."""
         self.stall_s = 0.0
         """Seconds ``save()`` held the training thread."""
         self._staged = threading.Event()
@@ -104,6 +106,8 @@ class SaveJob:
     """The manifest to publish, without its files (filled in after the write)."""
     overwrite: bool = False
     on_commit: list[Callable[[Manifest], None]] = field(default_factory=list)
+    plan: RankPlan | None = None
+    """The save plan ``staged`` was selected by (this rank's items only); None: the whole state."""
 
 
 _STOP = object()
@@ -115,8 +119,10 @@ class Pipeline:
     def __init__(self, storage: Storage, *, codec: CodecOptions | None, group: Any,
                  rank: int, max_pending: int = 2, writer_threads: int = 2,
                  on_error: str = "raise",
-                 after_commit: Callable[[Manifest], None] | None = None) -> None:
+                 after_commit: Callable[[Manifest], None] | None = None,
+                 on_failure: Callable[[int, BaseException], None] | None = None) -> None:
         self.storage = storage
+        self.on_failure = on_failure
         self.codec = codec
         self.group = group
         self.rank = rank
@@ -147,6 +153,15 @@ class Pipeline:
             self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
             self._thread.start()
         self._queue.put(job)
+
+    def submit_failed(self, step: int, error: BaseException) -> None:
+        """Queue a save that failed before its write (staging), so that every rank's writer
+        still takes part in its agreement and the save fails on all ranks together."""
+        def fail() -> None:
+            raise error
+
+        self.submit(SaveJob(handle=SaveHandle(step), staged=Staged({}, 0, _finish=fail),
+                            manifest=Manifest(step=step)))
 
     def pending_steps(self) -> set[int]:
         with self._lock:
@@ -187,6 +202,7 @@ class Pipeline:
             try:
                 self._process(job)
             finally:
+                job.staged.release()
                 with self._lock:
                     self._pending = [h for h in self._pending if h is not job.handle]
                 self._slots.release()
@@ -201,6 +217,11 @@ class Pipeline:
             err = e if isinstance(e, SaveError) else SaveError(step, {self.rank: e})
             err.__cause__ = e if err is not e else e.__cause__
             log.error("step=%d rank=%d: save failed: %s", step, self.rank, err)
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(step, err)
+                except Exception as cb_err:  # noqa: BLE001 - a callback never breaks a save
+                    log.error("step=%d rank=%d: on_failure callback raised: %r", step, self.rank, cb_err)
             self._latch(err)
             job.handle._finish(None, err)
             return
@@ -227,20 +248,21 @@ class Pipeline:
     def _write_and_commit(self, job: SaveJob) -> Manifest:
         step = job.handle.step
         folder = self.storage.child(step_dir_name(step))
-        if self.rank == 0:
-            self._clear_folder(folder, job.overwrite)
-        _dist.barrier(self.group)
+        self._agree(step, lambda: self._prepare(job, folder))
         writer = CheckpointWriter(folder, codec=self.codec, thread_count=self.writer_threads,
                                   executor=self._codec_pool)
+        planner = PlannedSavePlanner(job.plan) if job.plan is not None else SavePlanner()
         try:
-            dcp.save(job.staged.state_dict, storage_writer=writer, planner=SavePlanner(),
+            dcp.save(job.staged.state_dict, storage_writer=writer, planner=planner,
                      process_group=self.group, no_dist=self.group is None)
-        except Exception as e:
+        except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
             raise SaveError(step, unwrap_failures(e)) from e
         job.handle.bytes_written = writer.bytes_written
-        per_rank = _dist.all_gather_object((self.rank, writer.bytes_written, writer.files), self.group)
-        job.handle.bytes_per_rank = {r: n for r, n, _ in per_rank}
-        files = tuple(sorted((f for _, _, fs in per_rank for f in fs), key=lambda f: f.path))
+        per_rank = _dist.all_gather_object(
+            (self.rank, writer.bytes_written, writer.files, job.staged.bytes_staged), self.group)
+        job.handle.bytes_per_rank = {r: n for r, n, _, _ in per_rank}
+        job.handle.bytes_staged_per_rank = {r: s for r, _, _, s in per_rank}
+        files = tuple(sorted((f for _, _, fs, _ in per_rank for f in fs), key=lambda f: f.path))
         manifest = replace(job.manifest, files=files)
         outcome: str | None = None
         if self.rank == 0:
@@ -252,6 +274,26 @@ class Pipeline:
         if outcome is not None:
             raise SaveError(step, {0: outcome})
         return manifest
+
+    def _prepare(self, job: SaveJob, folder: Storage) -> None:
+        if self.rank == 0:
+            self._clear_folder(folder, job.overwrite)
+        job.staged.wait_ready()
+
+    def _agree(self, step: int, work: Callable[[], None]) -> None:
+        """Run ``work`` on every rank; if it failed on any, every rank raises (nobody hangs)."""
+        error: BaseException | None = None
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it
+            error = e
+        said = _dist.all_gather_object(None if error is None else f"{type(error).__name__}: {error}",
+                                       self.group)
+        failures: dict[int, BaseException | str] = {r: s for r, s in enumerate(said) if s is not None}
+        if failures:
+            if error is not None:
+                failures[self.rank] = error
+            raise SaveError(step, failures) from error
 
     def _clear_folder(self, folder: Storage, overwrite: bool) -> None:
         """Make way for a new write: leftovers of a crash, or an overwritten checkpoint."""

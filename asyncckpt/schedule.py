@@ -4,7 +4,7 @@ Pure: no torch, no I/O; the clock comes in as ``now`` (float seconds).
 
 The manager keeps one ``ScheduleState`` per run and calls, in this order::
 
-    state.record_step(step_seconds)                  # after each training step (auto mode)
+    state.tick(s, now=t)                             # each call: measures the step time
     d = state.decide(schedule, step=s, now=t, epoch_end=..., param_count=...)
     if d.save or force:
         ... save step s with d.tags ...
@@ -66,7 +66,6 @@ def _check_overhead(value: object) -> None:
         raise ConfigError.field("max_overhead", value, "a fraction with 0 < max_overhead < 1")
 
 
-
 def parse_milestones(spec: str | Iterable[int | str]) -> tuple[int, ...]:
     """Parameter counts from ``"100M,500M,1B"`` or a sequence, sorted and unique.
 
@@ -118,7 +117,6 @@ def format_params(count: int) -> str:
         index -= 1
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
     """When to save: a step is saved when any enabled rule fires (none enabled: only forced saves)."""
@@ -168,7 +166,6 @@ def _sorted_steps(steps: object) -> tuple[int, ...]:
     return tuple(sorted(set(items)))
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class Decision:
     """What ``ScheduleState.decide`` says about one step."""
@@ -190,10 +187,10 @@ class ScheduleState:
     """What a ``Schedule`` remembers across steps of one run (mutable).
 
     Auto mode: the interval comes from the moving averages of the step time
-    (``record_step``) and of the save stall (``record_save(stall_s=...)``).
-    Before any stall is measured there is no interval; if nothing was saved yet
-    and a step time is known, auto saves once to measure the cost.  A stall of
-    0 s gives an interval of 1 step.
+    (``tick`` or ``record_step``) and of the save stall (``record_save(stall_s=...)``).
+    Before any stall is measured (in this process: a restore records none)
+    there is no interval, and auto saves once, as soon as a step time is known,
+    to measure the cost.  A stall of 0 s gives an interval of 1 step.
     """
 
     last_save_step: int | None = None
@@ -208,6 +205,12 @@ class ScheduleState:
     """Moving average of the training step time in seconds; None until measured."""
     stall_s: float | None = None
     """Moving average of how long a save stalled training, in seconds; None until measured."""
+    last_tick: tuple[int, float] | None = None
+    """``(step, now)`` of the last ``tick``."""
+    paused_s: float = 0.0
+    """Seconds of save stall recorded since the last ``tick`` (not training time)."""
+    reported_interval: int | None = None
+    """The auto interval last returned by ``interval_change``."""
 
     def decide(
         self, schedule: Schedule, *, step: int, now: float, epoch_end: bool = False,
@@ -235,6 +238,7 @@ class ScheduleState:
         if stall_s is not None:
             _check_seconds("stall_s", stall_s, allow_zero=True)
             self.stall_s = _ema(self.stall_s, stall_s)
+            self.paused_s += stall_s
         self.mark_milestones(milestones)
         self.last_save_step = step
         self.last_save_time = now
@@ -243,6 +247,26 @@ class ScheduleState:
         """Feed one measured training step time (seconds) into the moving average."""
         _check_seconds("step_s", step_s, allow_zero=True)
         self.step_s = _ema(self.step_s, step_s)
+
+    def tick(self, step: int, now: float) -> None:
+        """Note a ``maybe_save`` call: the time since the previous one, less the save
+        stall recorded in between, divided by the steps in between, is a step time."""
+        _check_int("step", step, 0)
+        if self.last_tick is not None and step > self.last_tick[0]:
+            elapsed = now - self.last_tick[1] - self.paused_s
+            if math.isfinite(elapsed) and elapsed >= 0:
+                self.record_step(elapsed / (step - self.last_tick[0]))
+        self.last_tick, self.paused_s = (step, now), 0.0
+
+    def interval_change(self, schedule: Schedule) -> tuple[int, str] | None:
+        """The auto interval and why, when it is new or moved by 10% or more since
+        the last one this returned; else None."""
+        current = self.auto_interval(schedule)
+        last = self.reported_interval
+        if current is None or (last is not None and abs(current[0] - last) < 0.1 * last):
+            return None
+        self.reported_interval = current[0]
+        return current
 
     def mark_milestones(self, milestones: Iterable[int]) -> None:
         """Mark milestones as reached, e.g. after a restart from the manifests' counts."""
@@ -285,8 +309,8 @@ class ScheduleState:
 
     def _auto_due(self, schedule: Schedule, step: int) -> bool:
         interval = self.auto_interval(schedule)
-        if interval is None:
-            return self.last_save_step is None and self.step_s is not None
+        if interval is None:  # no cost measured yet: save once to measure it
+            return self.stall_s is None and self.step_s is not None
         return step - (self.last_save_step or 0) >= interval[0]
 
 
@@ -297,7 +321,6 @@ def _contains(sorted_steps: Sequence[int], step: int) -> bool:
 
 def _ema(old: float | None, new: float) -> float:
     return float(new) if old is None else (1 - _EMA_ALPHA) * old + _EMA_ALPHA * new
-
 
 
 def young_daly_interval_s(save_cost_s: float, mtbf_s: float) -> float:
@@ -330,7 +353,6 @@ def auto_interval_steps(
     if yd_steps >= bound:
         return yd_steps, text
     return bound, f"{text}, raised to {bound} steps so {budget}"
-
 
 
 def size_category(dataset_tokens: int) -> str:

@@ -1,23 +1,43 @@
 """Staging: copy the state off the training's hands so training can go on.
 
-``stage(state_dict)`` returns a copy of every tensor in host memory (object
-blobs were already serialised by ``state.py`` and are shared as they are),
-together with the number of bytes it copied.  The copy is plain here: a
-contiguous host tensor per item, detached from anything training mutates.
-DTensors keep their wrapper around a host copy of the local shard, so DCP
-still sees their global layout.
+``Stager.stage(state_dict)`` returns a ``Staged`` snapshot: every tensor
+copied into a host buffer set taken from a pool that is reused across saves,
+object blobs (already serialised by ``state.py``) shared as they are.
+
+- CPU tensors are copied with a plain ``copy_`` into reused pageable buffers.
+- CUDA tensors, ``mode="pinned"``: non-blocking device-to-host copies into
+  pinned buffers on a dedicated side stream that first waits for the training
+  stream.  ``stage`` returns without a host sync.  The training stream waits
+  (on the GPU) for the copies of buffers at once; copies of parameters and
+  optimizer state (``deferrable``) overlap the next forward and backward, and
+  ``fence()`` (an optimizer step pre-hook) makes the training stream wait for
+  them before ``optimizer.step`` changes them.  The writer thread waits for
+  the copies' event before reading.
+- CUDA tensors, ``mode="device"``: a device-to-device snapshot into reused
+  GPU buffers (the stall is the cost of a GPU copy); the device-to-host copy
+  runs later on the writer thread, which releases the GPU buffers after it.
+- ``mode="auto"``: ``device`` when free GPU memory exceeds the state plus a
+  margin, else ``pinned``.
+
+The pool holds whole buffer sets for one state layout.  It allocates a set
+only while the budget allows (default: one set for pinned memory, two for
+pageable memory), so memory is bounded; when every set is still held by the
+writer, ``stage`` waits for one (backpressure).  ``prewarm`` allocates a set
+ahead of the first save on a background thread.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,50 +46,356 @@ try:
 except ImportError:  # pragma: no cover - very old torch
     DTensor = ()  # type: ignore[assignment,misc]
 
+MODES = ("auto", "pinned", "device")
+_DEVICE_MARGIN_BYTES = 2 << 30
+
+Path = tuple[Any, ...]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t  # type: ignore[arg-type]
+
+
+def _walk(v: Any, path: Path = ()) -> Iterator[tuple[Path, torch.Tensor]]:
+    """Every tensor in a nested state dict with its path, in a stable order."""
+    if isinstance(v, torch.Tensor):
+        yield path, v
+    elif isinstance(v, Mapping):
+        for k, x in v.items():
+            yield from _walk(x, (*path, k))
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            yield from _walk(x, (*path, i))
+
+
+def _rebuild(v: Any, repl: Mapping[Path, torch.Tensor], path: Path = ()) -> Any:
+    if isinstance(v, torch.Tensor):
+        new = repl[path]
+        if isinstance(v, DTensor):  # type: ignore[arg-type]
+            return DTensor.from_local(new, v.device_mesh, v.placements, run_check=False,
+                                      shape=v.shape, stride=v.stride())
+        return new
+    if isinstance(v, io.BytesIO):
+        return v
+    if isinstance(v, Mapping):
+        return {k: _rebuild(x, repl, (*path, k)) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rebuild(x, repl, (*path, i)) for i, x in enumerate(v)]
+    if isinstance(v, tuple):
+        return tuple(_rebuild(x, repl, (*path, i)) for i, x in enumerate(v))
+    return v  # ints, floats, strings: immutable, or copied by state.py
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one buffer must hold."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+Layout = tuple[tuple[Path, Spec], ...]
+
+
+def layout_of(state_dict: Mapping[str, Any]) -> Layout:
+    return tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in _walk(state_dict))
+
+
+def layout_bytes(layout: Layout) -> int:
+    return sum(s.nbytes for _, s in layout)
+
+
+@dataclass(eq=False)
+class BufferSet:
+    """One set of buffers matching a layout; held by at most one save at a time."""
+
+    layout: Layout
+    buffers: dict[Path, torch.Tensor]
+    nbytes: int
+
+
+class BufferPool:
+    """Buffer sets for the current layout, reused across saves, bounded by a byte budget."""
+
+    def __init__(self, *, device: str | torch.device = "cpu", pin: bool = False,
+                 budget_bytes: int | None = None, default_sets: int = 1) -> None:
+        self.device = torch.device(device)
+        self.pin = pin
+        self.budget_bytes = budget_bytes
+        self.default_sets = default_sets
+        self.allocations = 0
+        """Buffer sets allocated so far (a warm pool stops counting up)."""
+        self._free: list[BufferSet] = []
+        self._held = 0
+        self._allocated_bytes = 0
+        self._layout: Layout | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._allocated_bytes
+
+    def _limit(self, set_bytes: int) -> int:
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        return set_bytes * self.default_sets
+
+    def acquire(self, layout: Layout, *, wait: Callable[[], None] | None = None) -> BufferSet:
+        """A free buffer set for ``layout``; allocates within budget, else waits for a release."""
+        set_bytes = layout_bytes(layout)
+        with self._cond:
+            if layout != self._layout:
+                self._switch_layout(layout)
+            if set_bytes > self._limit(set_bytes):
+                raise ConfigError(f"pinned_memory_budget={self.budget_bytes} bytes is smaller than "
+                                  f"one copy of the state ({set_bytes} bytes); raise the budget")
+            warned = False
+            while True:
+                if self._free:
+                    buf = self._free.pop()
+                    self._held += 1
+                    return buf
+                if self._allocated_bytes + set_bytes <= self._limit(set_bytes):
+                    self._allocated_bytes += set_bytes
+                    self._held += 1
+                    break
+                if not warned and wait is not None:
+                    wait()
+                    warned = True
+                self._cond.wait()
+        try:
+            return self._allocate(layout, set_bytes)
+        except BaseException:
+            with self._cond:
+                self._allocated_bytes -= set_bytes
+                self._held -= 1
+                self._cond.notify_all()
+            raise
+
+    def _switch_layout(self, layout: Layout) -> None:
+        if self._layout is not None:
+            log.info("state layout changed; dropping %d idle buffer set(s)", len(self._free))
+        for b in self._free:
+            self._allocated_bytes -= b.nbytes
+        self._free = []
+        self._layout = layout
+
+    def _allocate(self, layout: Layout, set_bytes: int) -> BufferSet:
+        buffers = {p: torch.empty(s.shape, dtype=s.dtype, device=self.device, pin_memory=self.pin)
+                   for p, s in layout}
+        if self.device.type == "cpu" and not self.pin:
+            for b in buffers.values():  # fault the pages in now, not during the first save
+                b.zero_()
+        with self._cond:
+            self.allocations += 1
+        log.debug("allocated a buffer set of %d bytes on %s (pinned=%s)", set_bytes, self.device, self.pin)
+        return BufferSet(layout, buffers, set_bytes)
+
+    def release(self, buf: BufferSet) -> None:
+        with self._cond:
+            self._held -= 1
+            if buf.layout == self._layout:
+                self._free.append(buf)
+            else:
+                self._allocated_bytes -= buf.nbytes
+            self._cond.notify_all()
+
+    def prewarm(self, layout: Layout) -> None:
+        """Allocate one set for ``layout`` now (call from a background thread)."""
+        buf = self.acquire(layout)
+        self.release(buf)
+
 
 @dataclass
 class Staged:
-    """The host-side snapshot of one save."""
+    """The host-side snapshot of one save, valid once ``wait_ready()`` returns."""
 
     state_dict: dict[str, Any]
     bytes_staged: int
+    mode: str = "cpu"
+    _event: Any = None
+    _finish: Callable[[], None] | None = None
+    _releases: list[Callable[[], None]] = field(default_factory=list)
+
+    def wait_ready(self) -> None:
+        """Block until every copy has landed in host memory (writer thread)."""
+        if self._event is not None:
+            self._event.synchronize()
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+
+    def release(self) -> None:
+        """Give the buffers back to their pools (after the write)."""
+        releases, self._releases = self._releases, []
+        for r in releases:
+            r()
 
 
-def _copy_tensor(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.clone(memory_format=torch.contiguous_format)
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-    out.copy_(t, non_blocking=True)
-    return out
+class Stager:
+    """Stages state dicts into pooled buffers; one per manager."""
+
+    def __init__(self, *, mode: str = "auto", budget_bytes: int | None = None,
+                 pageable_sets: int = 2) -> None:
+        if mode not in MODES:
+            raise ConfigError.field("staging", mode, " | ".join(map(repr, MODES)))
+        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
+                                         or budget_bytes <= 0):
+            raise ConfigError.field("pinned_memory_budget", budget_bytes, "a positive number of bytes or None")
+        self.mode = mode
+        cuda = torch.cuda.is_available()
+        self.host = BufferPool(pin=cuda, budget_bytes=budget_bytes,
+                               default_sets=1 if cuda else pageable_sets)
+        self._device_pool: BufferPool | None = None
+        self._stream: Any = None
+        self._pending: list[Any] = []
+        self._fence_lock = threading.Lock()
+        self._prewarm: threading.Thread | None = None
+
+    # -- choosing a path ---------------------------------------------------------
+    def _path_for(self, tensors: list[torch.Tensor], nbytes: int) -> str:
+        if not any(_local(t).is_cuda for t in tensors):
+            return "cpu"
+        if self.mode == "device":
+            return "device"
+        if self.mode == "pinned":
+            return "pinned"
+        free, _ = torch.cuda.mem_get_info()
+        return "device" if free > nbytes + _DEVICE_MARGIN_BYTES else "pinned"
+
+    def _side_stream(self) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    # -- prewarm -----------------------------------------------------------------
+    @property
+    def warm(self) -> bool:
+        """Whether host buffers exist or are being allocated (cheap to ask every step)."""
+        return self.host.allocations > 0 or (self._prewarm is not None and self._prewarm.is_alive())
+
+    def prewarm(self, state_dict: Mapping[str, Any]) -> threading.Thread | None:
+        """Allocate the host buffers for this layout on a background thread."""
+        if self._prewarm is not None and self._prewarm.is_alive():
+            return self._prewarm
+        layout = layout_of(state_dict)
+        if self.host.allocations and self.host._layout == layout:
+            return None
+        self._prewarm = threading.Thread(target=self._run_prewarm, args=(layout,),
+                                         name="asyncckpt-prewarm", daemon=True)
+        self._prewarm.start()
+        return self._prewarm
+
+    def _run_prewarm(self, layout: Layout) -> None:
+        try:
+            self.host.prewarm(layout)
+        except Exception as e:  # noqa: BLE001 - the first save allocates instead, and says why
+            log.warning("prewarming staging buffers failed: %s", e)
+
+    # -- staging -----------------------------------------------------------------
+    def stage(self, state_dict: Mapping[str, Any], *,
+              on_wait: Callable[[], None] | None = None,
+              deferrable: Callable[[torch.Tensor], bool] | None = None) -> Staged:
+        """Snapshot ``state_dict``; returns once the training may change it again.
+
+        ``deferrable(t)`` marks CUDA tensors that only a guarded update changes
+        (parameters and optimizer state, which ``optimizer.step`` updates).  Their
+        copies overlap the next forward and backward; ``fence()`` makes the
+        training stream wait for them, and must run before such an update.
+        Every other tensor's copy is fenced at once.
+        """
+        items = list(_walk(state_dict))
+        layout = tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in items)
+        nbytes = layout_bytes(layout) + _blob_bytes(state_dict)
+        path = self._path_for([t for _, t in items], nbytes)
+        if path == "device":
+            return self._stage_device(state_dict, items, layout, nbytes, on_wait)
+        host = self.host.acquire(layout, wait=on_wait)
+        staged = Staged({}, nbytes, mode=path, _releases=[lambda: self.host.release(host)])
+        if path == "cpu":
+            for p, t in items:
+                host.buffers[p].copy_(_local(t).detach())
+        else:
+            staged._event = self._copy_on_side_stream(items, host.buffers, deferrable)
+        staged.state_dict = _rebuild(state_dict, host.buffers)
+        return staged
+
+    def _copy_on_side_stream(self, items: list[tuple[Path, torch.Tensor]],
+                             dst: Mapping[Path, torch.Tensor],
+                             deferrable: Callable[[torch.Tensor], bool] | None = None) -> Any:
+        """Copy on the side stream, after everything queued so far on the training stream.
+
+        Tensors that are not deferrable go first and the training stream waits
+        for them at once; the deferrable rest is fenced later (``fence``).
+        """
+        stream, current = self._side_stream(), torch.cuda.current_stream()
+        stream.wait_stream(current)
+        now = [(p, t) for p, t in items if deferrable is None or not deferrable(t)]
+        later = [(p, t) for p, t in items if deferrable is not None and deferrable(t)]
+        with torch.cuda.stream(stream):
+            for batch in (now, later):
+                for p, t in batch:
+                    src = _local(t).detach()
+                    dst[p].copy_(src, non_blocking=True)
+                    src.record_stream(stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+                if batch is now:
+                    current.wait_event(event)
+        if later:
+            with self._fence_lock:
+                self._pending.append(event)
+        return event
+
+    def fence(self) -> None:
+        """Make the current stream wait for deferred copies (a GPU-side wait; cheap)."""
+        if not self._pending:
+            return
+        with self._fence_lock:
+            events, self._pending = self._pending, []
+        current = torch.cuda.current_stream()
+        for event in events:
+            current.wait_event(event)
+
+    def _stage_device(self, state_dict: Mapping[str, Any], items: list[tuple[Path, torch.Tensor]],
+                      layout: Layout, nbytes: int, on_wait: Callable[[], None] | None) -> Staged:
+        if self._device_pool is None:
+            self._device_pool = BufferPool(device=torch.device("cuda", torch.cuda.current_device()),
+                                           default_sets=1)
+        dev = self._device_pool.acquire(layout, wait=on_wait)
+        event = self._copy_on_side_stream(items, dev.buffers, deferrable)
+        pool = self._device_pool
+
+        def finish() -> None:
+            # writer thread: device snapshot -> pinned host buffers, then free the GPU set
+            host = self.host.acquire(layout)
+            staged._releases.append(lambda: self.host.release(host))
+            event.synchronize()
+            with torch.cuda.stream(self._side_stream()):
+                for p, _ in items:
+                    host.buffers[p].copy_(dev.buffers[p], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._side_stream())
+            done.synchronize()
+            pool.release(dev)
+            staged.state_dict = _rebuild(state_dict, host.buffers)
+
+        staged = Staged({}, nbytes, mode="device", _finish=finish)
+        return staged
 
 
-def _stage_value(v: Any, counter: list[int]) -> Any:
-    if isinstance(v, DTensor):  # type: ignore[arg-type]
-        local = _copy_tensor(v.to_local())
-        counter[0] += local.numel() * local.element_size()
-        return DTensor.from_local(local, v.device_mesh, v.placements, run_check=False,
-                                  shape=v.shape, stride=v.stride())
-    if isinstance(v, torch.Tensor):
-        out = _copy_tensor(v)
-        counter[0] += out.numel() * out.element_size()
-        return out
-    if isinstance(v, io.BytesIO):
-        counter[0] += v.getbuffer().nbytes
-        return v
-    if isinstance(v, Mapping):
-        return {k: _stage_value(x, counter) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_stage_value(x, counter) for x in v]
-    if isinstance(v, tuple):
-        return tuple(_stage_value(x, counter) for x in v)
-    return copy.deepcopy(v)
-
-
-def stage(state_dict: Mapping[str, Any]) -> Staged:
-    """Copy ``state_dict`` into host memory; returns once the copy is complete."""
-    counter = [0]
-    out = {k: _stage_value(v, counter) for k, v in state_dict.items()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.current_stream().synchronize()
-    return Staged(out, counter[0])
+def _blob_bytes(state_dict: Mapping[str, Any]) -> int:
+    total = 0
+    for v in state_dict.values():
+        if isinstance(v, io.BytesIO):
+            total += v.getbuffer().nbytes
+        elif isinstance(v, Mapping):
+            total += _blob_bytes(v)
+    return total

@@ -19,13 +19,27 @@ Layout of the state dict handed to DCP::
 
 Per-rank objects live under ``rank_<r>`` so DCP's de-duplication of identical
 keys across ranks never drops one rank's RNG or loader position.
+
+Restoring on a different number of ranks (the saved world size is the number
+of ``rank_<r>`` entries): tensors are resharded by DCP.  RNG: when the world
+size matches, rank ``r`` gets back exactly the generators rank ``r`` saved.
+When it differs, every rank reads the saved rank-0 state and re-seeds python,
+numpy, torch CPU and every CUDA generator with
+``seed = sha256(saved rank-0 torch CPU state || r)`` (first 8 bytes, 63 bits),
+see ``reseed_rng``: deterministic for a given checkpoint and rank, different
+across ranks.  Dataloader state is per rank and tied to how the data was
+split over the old ranks, so it is not restored when the world size changes:
+each loader starts from its own initial state (a warning says so); use the
+restored step or ``extra`` to skip ahead or set the sampler's epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -100,6 +114,39 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+_RANK_KEY = re.compile(r"rank_(\d+)/(?:rng|dataloader)")
+
+
+def saved_world_size(available: Iterable[str]) -> int | None:
+    """The world size a checkpoint was saved with, from its ``rank_<r>/...`` keys (None: unknown)."""
+    ranks = [int(m.group(1)) for k in available if (m := _RANK_KEY.fullmatch(k))]
+    return max(ranks) + 1 if ranks else None
+
+
+def current_world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def reseed_seed(saved: Mapping[str, Any], rank: int) -> int:
+    """The seed rank ``rank`` gets from a saved rank-0 RNG state when the world size changed."""
+    data = saved["torch"].numpy().tobytes() + int(rank).to_bytes(8, "little")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+def reseed_rng(saved: Mapping[str, Any], rank: int) -> int:
+    """Seed python, numpy, torch CPU and CUDA generators from ``reseed_seed``; returns the seed."""
+    seed = reseed_seed(saved, rank)
+    random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device
+    try:
+        import numpy as np
+    except ImportError:
+        return seed
+    np.random.seed(seed % 2**32)
+    return seed
+
+
 def restore_rng(state: Mapping[str, Any]) -> None:
     random.setstate(_tupleize(state["python"]))
     torch.set_rng_state(state["torch"])
@@ -114,6 +161,11 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         count = min(len(cuda), torch.cuda.device_count())
         for i in range(count):
             torch.cuda.set_rng_state(cuda[i], i)
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.untyped_storage().data_ptr()
 
 
 def _tupleize(v: Any) -> Any:
@@ -140,6 +192,7 @@ class TrainState:
         self.dataloaders = _as_dict(dataloader, "dataloader")
         self.extra = extra if extra is not None else {}
         self.rng = bool(rng)
+        self._resharded = False
         for kind, objs in (("model", self.models), ("optimizer", self.optimizers),
                            ("scheduler", self.schedulers), ("dataloader", self.dataloaders)):
             for name in objs:
@@ -195,6 +248,23 @@ class TrainState:
                 out[f"optim/{name}"] = get_optimizer_state_dict(self._model_for(name), o)
         return out
 
+    def guarded_storages(self) -> set[int]:
+        """Storage addresses of parameters and optimizer state: what only ``optimizer.step``
+        (or user code under ``mgr.guard()``) changes in place."""
+        out = set()
+        for m in self.models.values():
+            out.update(storage_ptr(p) for p in m.parameters())
+        for o in self.optimizers.values():
+            for per_param in o.state.values():
+                out.update(storage_ptr(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+        return out
+
+    def layout_tensors(self) -> dict[str, Any]:
+        """Like ``tensors()``, without side effects: optimizers with no state yet are left out
+        (DCP's state_dict API would create their state to describe it)."""
+        parts = ["model"] + (["optimizer"] if all(o.state for o in self.optimizers.values()) else [])
+        return self.tensors(parts)
+
     def objects(self, rank: int, parts: Iterable[str] = PARTS) -> dict[str, Any]:
         """Everything that is not a tensor, serialised now (its value at this moment)."""
         parts = set(parts)
@@ -219,7 +289,15 @@ class TrainState:
         blob the checkpoint does not have is skipped (and reported by the caller).
         """
         out = self.tensors(parts)
+        saved = saved_world_size(available)
+        self._resharded = saved is not None and saved != current_world_size()
         for key in self.objects_keys(rank, parts):
+            if self._resharded and key.endswith("/rng"):
+                key = "rank_0/rng"  # re-seeded from it in apply()
+            elif self._resharded and key.endswith("/dataloader"):
+                log.warning("rank=%d: checkpoint saved on %d ranks, restoring on %d: dataloader "
+                            "state is not restored", rank, saved, current_world_size())
+                continue
             if key in available:
                 out[key] = io.BytesIO()
         return out
@@ -254,7 +332,15 @@ class TrainState:
             self._load_each("scheduler", self.schedulers, loaded["scheduler"])
         if f"rank_{rank}/dataloader" in loaded:
             self._load_each("dataloader", self.dataloaders, loaded[f"rank_{rank}/dataloader"])
-        if f"rank_{rank}/rng" in loaded:
+            for loader in self.dataloaders.values():
+                # A StatefulDataLoader builds its resumed iterator here (the next iter() returns
+                # it).  Building one draws a seed from the global torch RNG, so it must happen
+                # before that RNG is restored below, or the resumed run is one draw off.
+                loader.state_dict()
+        if self._resharded and "rank_0/rng" in loaded:
+            seed = reseed_rng(loaded["rank_0/rng"], rank)
+            log.info("rank=%d: world size changed; RNG re-seeded with %d", rank, seed)
+        elif f"rank_{rank}/rng" in loaded:
             restore_rng(loaded[f"rank_{rank}/rng"])
         if "extra" in loaded:
             values = loaded["extra"]

@@ -7,15 +7,19 @@ commit protocol needs:
 
 1. ``open_write(rel)`` streams a file and makes it durable when the block ends
    (flush and fsync of the file on local disks; a completed upload on object
-   stores).  A write that fails removes what it left.
+   stores).  A write that fails removes what it left.  On S3 (s3fs) files go
+   through ``multipart.MultipartWriter`` (parallel parts, bounded memory,
+   aborted on failure); ``abort_uploads`` aborts those a killed writer left.
 2. ``put_atomic(rel, data, create_only=True)`` publishes a small file whole or
    not at all: a temporary file renamed into place and the folder fsynced on
-   local disks; a single PUT, which is atomic, on object stores.
+   local disks; a single PUT, which is atomic, on object stores (conditional,
+   ``If-None-Match: *``, on S3 when ``create_only``).
 3. ``list_dirs``/``list_files``/``read_bytes``/``open_read``/``remove``.
 
-Errors come out as ``StorageError`` naming the operation and the URL (never
-credentials); transient ones are retried with exponential backoff and jitter
-by ``Retry``.
+Errors come out as ``StorageError`` naming the operation and the URL, with
+any credential of the storage options scrubbed from the message; transient
+ones (5xx, throttling, resets, timeouts) are retried with exponential backoff
+and jitter by ``Retry``, bounded in attempts and in time.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
+from fsspec.spec import AbstractBufferedFile
 
 from . import codec as _codec
-from .errors import CheckpointExistsError, ConfigError, CorruptCheckpointError, StorageError
+from .errors import (AsyncCkptError, CheckpointExistsError, ConfigError, CorruptCheckpointError,
+                     StorageError)
 from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
+from .multipart import MultipartWriter, Upload, abort_unfinished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +51,8 @@ _USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
 _TRANSIENT_WORDS = ("slowdown", "throttl", "timeout", "timed out", "reset", "temporar",
                     "503", "500", "502", "504", "internalerror", "serviceunavailable",
                     "connection", "requesttimeout", "too many requests", "429")
+_CREDENTIAL_NAME = re.compile(r"secret|token|passw|credential|access_key|key_id|account_key"
+                              r"|connection_string|(^|_)key$|^username$", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
@@ -51,10 +60,25 @@ def redact(url: str) -> str:
     return _USERINFO.sub(r"\1", str(url))
 
 
+def credentials_in(options: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Values of ``options`` (searched recursively) whose key names a credential."""
+    found: set[str] = set()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                if isinstance(v, str) and len(v) >= 4 and _CREDENTIAL_NAME.search(str(k)):
+                    found.add(v)
+                else:
+                    walk(v)
+    walk(options or {})
+    return tuple(sorted(found, key=len, reverse=True))
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether an error is worth retrying (5xx, throttling, resets, timeouts)."""
     if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError,
-                        IsADirectoryError, NotADirectoryError)):
+                        IsADirectoryError, NotADirectoryError, AsyncCkptError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -64,7 +88,7 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class Retry:
-    """How transient storage errors are retried."""
+    """How transient storage errors are retried (on top of the client's own retries)."""
 
     attempts: int = 5
     """Tries in all, the first included (1 disables retrying)."""
@@ -73,31 +97,32 @@ class Retry:
     max_delay_s: float = 5.0
     """Upper bound of a single delay."""
     deadline_s: float = 60.0
-    """No retry starts after this many seconds from the first try."""
+    """No retry starts after this many seconds from the first try, nor sleeps past it."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attempts, int) or self.attempts < 1:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
             raise ConfigError.field("Retry.attempts", self.attempts, "an integer >= 1")
         for name in ("base_delay_s", "max_delay_s", "deadline_s"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError.field(f"Retry.{name}", v, "a number >= 0")
 
     def delay_s(self, attempt: int) -> float:
-        """Full-jitter backoff before retry number ``attempt`` (1-based)."""
+        """Jittered exponential backoff before retry number ``attempt`` (1-based)."""
         cap = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
         return random.uniform(cap / 2, cap)
 
     def call(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()``, retried while it fails with a transient error and time and attempts remain."""
         start = time.monotonic()
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below, re-raised when final
-                late = time.monotonic() - start > self.deadline_s
-                if attempt == self.attempts or late or not is_transient(e):
+                left = self.deadline_s - (time.monotonic() - start)
+                if attempt == self.attempts or left <= 0 or not is_transient(e):
                     raise
-                delay = self.delay_s(attempt)
+                delay = min(self.delay_s(attempt), left)
                 log.warning("transient error on %s (attempt %d/%d): %s; retrying in %.2fs",
                             what, attempt, self.attempts, type(e).__name__, delay)
                 time.sleep(delay)
@@ -108,20 +133,25 @@ class Storage:
     """One fsspec filesystem rooted at a URL.  Paths given to methods are relative."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
-                 *, retry: Retry | None = None) -> None:
+                 *, retry: Retry | None = None, upload: Upload | None = None) -> None:
         url = os.fspath(url)
         if not url:
             raise ConfigError.field("root", url, "a path or URL")
         self.url = redact(url).rstrip("/")
         self.retry = retry or Retry()
+        self.upload = upload or Upload()
+        self._credentials = credentials_in(storage_options)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         except (ValueError, ImportError, TypeError) as e:
-            raise StorageError("open", self.url, e) from e
+            err = self.error_for("open", "", e)
+            raise err from (None if isinstance(err.cause, str) else e)
         self.root = root.rstrip("/") or root
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols or "local" in protocols
         self.is_object_store = any(p in ("s3", "s3a", "gs", "gcs", "az", "abfs") for p in protocols)
+        self.multipart = callable(getattr(self.fs, "call_s3", None)) and hasattr(self.fs, "split_path")
+        """Files go up through our own parallel multipart uploader (S3 API)."""
 
     # -- naming -------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -137,16 +167,27 @@ class Storage:
         sub.root, sub.url = self.path(rel), self.url_of(rel)
         return sub
 
+    def scrub(self, text: str) -> str:
+        """``text`` with every credential of the storage options replaced by ``***``."""
+        for secret in self._credentials:
+            text = text.replace(secret, "***")
+        return text
+
+    def error_for(self, op: str, rel: str, e: BaseException) -> StorageError:
+        """The StorageError for ``op`` on ``rel`` failing with ``e``, credentials scrubbed."""
+        text = f"{type(e).__name__}: {e}"
+        clean = self.scrub(text)
+        return StorageError(op, self.url_of(rel), e if clean == text else clean)
+
     @contextlib.contextmanager
     def _errors(self, op: str, rel: str) -> Iterator[None]:
         try:
             yield
-        except StorageError:
-            raise
-        except CheckpointExistsError:
+        except AsyncCkptError:
             raise
         except Exception as e:  # noqa: BLE001 - every I/O error leaves as a StorageError
-            raise StorageError(op, self.url_of(rel), e) from e
+            err = self.error_for(op, rel, e)  # a cause naming a credential is not chained
+            raise err from (None if isinstance(err.cause, str) else e)
 
     # -- writing ------------------------------------------------------------
     def makedirs(self, rel: str = "") -> None:
@@ -164,22 +205,39 @@ class Storage:
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[IO[bytes]]:
-        """A file open for writing that is durable once the block ends without error."""
-        path = self.path(rel)
+        """A file open for writing that is durable once the block ends without error.
+
+        If the block raises, nothing is published: a multipart upload is
+        aborted and a partial local file removed.
+        """
         with self._errors("write", rel):
-            f = self.retry.call(lambda: self.fs.open(path, "wb"), f"open {self.url_of(rel)}")
+            if self.multipart:
+                up = self._multipart_writer(rel)
+                try:
+                    yield up  # type: ignore[misc]
+                    up.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        up.abort()
+                    raise
+                finally:
+                    self.fs.invalidate_cache(self.path(rel))
+                return
+            path = self.path(rel)
+            kw = {"block_size": self.upload.part_bytes} if self.is_object_store else {}
+            f = self.retry.call(lambda: self.fs.open(path, "wb", **kw), f"open {self.url_of(rel)}")
             try:
                 yield f
                 f.flush()
                 if self.is_local:
                     os.fsync(f.fileno())
+                f.close()
             except BaseException:
                 with contextlib.suppress(Exception):
                     _discard(f)
                 with contextlib.suppress(Exception):
                     self.fs.rm(path)
                 raise
-            f.close()
 
     def put_atomic(self, rel: str, data: bytes, *, create_only: bool = True) -> None:
         """Publish ``data`` at ``rel`` whole or not at all; refuse to replace unless told."""
@@ -187,14 +245,23 @@ class Storage:
             if create_only and self.exists(rel):
                 raise CheckpointExistsError(f"{self.url_of(rel)} already exists")
             if not self.is_local:
-                self.retry.call(lambda: self.fs.pipe_file(self.path(rel), data),
-                                f"put {self.url_of(rel)}")
+                self._put_object(rel, data, create_only)
                 return
             tmp = f"{rel}.tmp-{uuid.uuid4().hex[:12]}"
             with self.open_write(tmp) as f:
                 f.write(data)
             os.replace(self.path(tmp), self.path(rel))
             self.fsync_dir(rel.rsplit("/", 1)[0] if "/" in rel else "")
+
+    def _put_object(self, rel: str, data: bytes, create_only: bool) -> None:
+        path = self.path(rel)
+        kw = {"mode": "create"} if create_only and self.multipart else {}
+        try:
+            self.retry.call(lambda: self.fs.pipe_file(path, data, **kw), f"put {self.url_of(rel)}")
+        except FileExistsError:
+            # a retried conditional PUT whose first try landed is ours if the bytes match
+            if self.fs.cat_file(path) != data:
+                raise CheckpointExistsError(f"{self.url_of(rel)} already exists") from None
 
     def fsync_dir(self, rel: str = "") -> None:
         """Make a folder's entries durable (local disks only; a no-op elsewhere)."""
@@ -207,11 +274,29 @@ class Storage:
             finally:
                 os.close(fd)
 
+    def _multipart_writer(self, rel: str) -> MultipartWriter:
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        return MultipartWriter(self.fs.call_s3, self.retry.call, bucket=bucket, key=key,
+                               url=self.url_of(rel), upload=self.upload)
+
+    def abort_uploads(self, prefix: str = "") -> int:
+        """Abort the unfinished multipart uploads under the root whose names start with
+        ``prefix`` (what a killed writer leaves: invisible, but billed); returns how many."""
+        if not self.multipart:
+            return 0
+        bucket, key, _ = self.fs.split_path(self.path())
+        with self._errors("abort uploads", prefix):
+            return abort_unfinished(self.fs.call_s3, self.retry.call, bucket=bucket,
+                                    prefix=f"{key}/{prefix}" if key else prefix,
+                                    url=self.url_of(prefix))
+
     # -- reading ------------------------------------------------------------
     def exists(self, rel: str) -> bool:
+        path = self.path(rel)
         with self._errors("stat", rel):
-            return bool(self.retry.call(lambda: self.fs.exists(self.path(rel)),
-                                        f"stat {self.url_of(rel)}"))
+            if not self.is_local and hasattr(self.fs, "invalidate_cache"):
+                self.fs.invalidate_cache(path)
+            return bool(self.retry.call(lambda: self.fs.exists(path), f"stat {self.url_of(rel)}"))
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors("read", rel):
@@ -255,6 +340,8 @@ class Storage:
     # -- deleting -----------------------------------------------------------
     def remove(self, rel: str, *, recursive: bool = False, missing_ok: bool = True) -> None:
         with self._errors("delete", rel):
+            if not missing_ok and not self.is_local and not self.exists(rel):
+                raise FileNotFoundError(f"no such file: {self.url_of(rel)}")  # S3 deletes are idempotent
             try:
                 self.retry.call(lambda: self.fs.rm(self.path(rel), recursive=recursive),
                                 f"delete {self.url_of(rel)}")
@@ -264,11 +351,18 @@ class Storage:
 
 
 def _discard(f: Any) -> None:
-    """Abandon a partly written file: abort a multipart upload where there is one."""
-    if hasattr(f, "discard") and not getattr(f, "autocommit", True):
+    """Abandon a partly written fsspec file without publishing it.
+
+    s3fs: abort its multipart upload (if one started); other buffered files
+    (gcsfs, ...): ``discard()`` drops their resumable upload.  Then mark the
+    file closed, since ``close()`` on a buffered file would upload what it
+    holds; a plain local file is simply closed (and removed by the caller).
+    """
+    if callable(getattr(f, "_abort_mpu", None)):
+        f._abort_mpu()
+    elif callable(getattr(f, "discard", None)):
         f.discard()
-    elif hasattr(f, "_abort_mpu"):
-        f._abort_mpu()  # s3fs: abort the multipart upload instead of completing it
+    if isinstance(f, AbstractBufferedFile):
         f.closed = True
     else:
         f.close()
@@ -303,6 +397,22 @@ def list_committed(storage: Storage) -> list[Manifest]:
     return sorted(out, key=lambda m: m.step)
 
 
+def delete_checkpoint(storage: Storage, step: int) -> None:
+    """Delete one checkpoint, manifest first, so a half-deleted folder is never listed."""
+    name = step_dir_name(step)
+    storage.remove(f"{name}/{MANIFEST_NAME}")
+    storage.fsync_dir(name)
+    storage.remove(name, recursive=True)
+
+
+def abort_unfinished_saves(storage: Storage) -> int:
+    """Abort the multipart uploads left in step folders by writers that died (object stores).
+
+    Call only while no save is in flight under this root.
+    """
+    return storage.abort_uploads(step_dir_name(0)[:-10])
+
+
 def uncommitted_steps(storage: Storage) -> list[int]:
     """Step folders without a manifest: saves that never committed."""
     return sorted(step for name in storage.list_dirs()
@@ -310,8 +420,10 @@ def uncommitted_steps(storage: Storage) -> list[int]:
                   and MANIFEST_NAME not in storage.list_files(name))
 
 
-def verify_files(folder: Storage, manifest: Manifest) -> list[str]:
-    """Problems with a checkpoint's files (missing, wrong size, bad checksum); empty when whole."""
+def verify_files(folder: Storage, manifest: Manifest,
+                 on_bytes: Callable[[int], object] | None = None) -> list[str]:
+    """Problems with a checkpoint's files (missing, wrong size, bad checksum); empty when whole.
+    ``on_bytes`` is called with the size of each piece read (a progress bar)."""
     problems = []
     present = folder.list_files()
     for entry in manifest.files:
@@ -323,6 +435,8 @@ def verify_files(folder: Storage, manifest: Manifest) -> list[str]:
         with folder.open_read(entry.path) as f:
             while chunk := f.read(8 << 20):
                 digest.update(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
         if digest.nbytes != entry.size:
             problems.append(f"{url}: expected {entry.size} bytes, found {digest.nbytes}")
         elif entry.checksum and digest.hexdigest() != entry.checksum:

@@ -244,6 +244,29 @@ def test_abandoned_parallel_encoding_does_not_hang() -> None:
 # ------------------------------------------------------------ compression ratio
 
 
+@pytest.mark.parametrize("itemsize", [2, 3, 4, 8])
+@pytest.mark.parametrize("size", [0, 1, 7, 4096, 70_001])
+def test_pure_python_grouping_writes_the_same_bytes(monkeypatch: pytest.MonkeyPatch, itemsize: int,
+                                                    size: int) -> None:
+    """Without numpy the format is identical: each decodes what the other encoded."""
+    data = _random_bytes(size, size)
+    with_numpy = encode_bytes(data, itemsize=itemsize, options=SMALL)
+    monkeypatch.setattr(codec, "_numpy", lambda: None)
+    assert encode_bytes(data, itemsize=itemsize, options=SMALL) == with_numpy
+    assert bytes(decode_bytes(with_numpy)) == data
+    monkeypatch.undo()
+    assert bytes(decode_bytes(with_numpy)) == data
+
+
+def test_grouping_puts_byte_planes_in_order() -> None:
+    data = bytes(range(10))  # elements 0123 4567 and a partial 89
+    out = codec._group(memoryview(data), 4)
+    assert bytes(out) == bytes([0, 4, 1, 5, 2, 6, 3, 7, 8, 9])
+    back = bytearray(10)
+    codec._ungroup_into(bytes(out), 4, memoryview(back))
+    assert bytes(back) == data
+
+
 def test_byte_grouping_compresses_float32_weights_better() -> None:
     data = _weights(1 << 20, 7)
     options = CodecOptions(level=1)
@@ -411,21 +434,29 @@ def test_checksum_writer_counts_only_accepted_bytes() -> None:
     assert writer.hexdigest() == checksum_bytes(b"01234")
 
 
-def test_module_does_not_import_torch_or_numpy() -> None:
-    imported = {name.split(".")[0] for name in _imports(codec.__file__)}
+def test_module_imports_neither_torch_nor_numpy_at_import_time() -> None:
+    """numpy is imported lazily, on the first byte grouping; the CLI never groups."""
+    imported = {name.split(".")[0] for name in _imports(codec.__file__, top_level=True)}
     assert imported <= {
-        "__future__", "logging", "os", "struct", "zlib", "collections", "concurrent",
-        "dataclasses", "typing", "zstandard", "asyncckpt",
+        "__future__", "functools", "logging", "os", "struct", "zlib", "collections",
+        "concurrent", "dataclasses", "typing", "zstandard", "asyncckpt",
     }
+    assert {name.split(".")[0] for name in _imports(codec.__file__)} - imported == {"numpy"}
+    import subprocess
+    import sys
+
+    probe = "import sys, asyncckpt.codec; print('numpy' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
 
 
-def _imports(path: str) -> list[str]:
+def _imports(path: str, *, top_level: bool = False) -> list[str]:
     import ast
 
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     names: list[str] = []
-    for node in ast.walk(tree):
+    for node in tree.body if top_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:

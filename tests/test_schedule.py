@@ -346,12 +346,45 @@ def test_auto_mode_with_mtbf() -> None:
     assert state.decide(schedule, step=1415, now=0.0).reasons == ("auto",)
 
 
-def test_auto_mode_without_stall_after_a_save_waits() -> None:
+def test_auto_mode_after_a_restore_measures_again() -> None:
     schedule, state = Schedule(auto=True), ScheduleState()
-    state.record_step(1.0)
-    state.record_save(5, 0.0)  # no stall measured: no interval, and not the first save
+    state.record_save(5, 0.0)  # a restore: no stall measured, so no interval yet
     assert state.auto_interval(schedule) is None
-    assert not state.decide(schedule, step=1000, now=0.0).save
+    assert not state.decide(schedule, step=6, now=0.0).save  # no step time yet either
+    state.record_step(1.0)
+    assert not state.decide(schedule, step=5, now=0.0).save  # the restored step itself
+    assert state.decide(schedule, step=7, now=0.0).reasons == ("auto",)  # save once to measure
+    state.record_save(7, 0.0, stall_s=5.0)
+    assert state.auto_interval(schedule)[0] == 500  # 5 s <= 1% of 500 steps of 1 s
+
+
+def test_tick_measures_step_time_without_the_save_stall() -> None:
+    state = ScheduleState()
+    state.tick(10, now=100.0)
+    assert state.step_s is None  # one call measures nothing
+    state.tick(12, now=104.0)
+    assert state.step_s == 2.0  # 4 s over 2 steps
+    state.record_save(12, 104.0, stall_s=3.0)
+    state.tick(13, now=109.0)  # 5 s, of which 3 s were the save
+    assert state.step_s == pytest.approx(0.7 * 2.0 + 0.3 * 2.0)
+    state.tick(13, now=200.0)  # same step again (or a rewind): no measurement
+    state.tick(5, now=300.0)
+    assert state.step_s == pytest.approx(2.0)
+
+
+def test_interval_change_reports_new_and_moved_intervals() -> None:
+    schedule = Schedule(auto=True, max_overhead=0.1)
+    state = ScheduleState()
+    assert state.interval_change(schedule) is None  # nothing measured
+    state.record_step(1.0)
+    state.record_save(1, 0.0, stall_s=2.0)
+    assert state.interval_change(schedule)[0] == 20
+    assert state.interval_change(schedule) is None  # reported already
+    state.step_s = 0.97  # 21 steps: within 10% of 20
+    assert state.interval_change(schedule) is None
+    state.step_s = 0.5  # 40 steps
+    steps, why = state.interval_change(schedule)
+    assert steps == 40 and "10.00%" in why
 
 
 def test_record_step_and_stall_are_moving_averages() -> None:

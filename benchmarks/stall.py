@@ -1,0 +1,371 @@
+"""How long does a checkpoint stop training?  One run, one model, every method.
+
+    python benchmarks/stall.py                                  # small, runs on a CPU
+    python benchmarks/stall.py --params 1e9 --saves 4 --out benchmarks   # ~1 B params on a GPU
+
+Stall (one definition for every method): the time the save call holds the
+training thread plus the extra time of the following steps over the median
+step (a GPU copy that the training stream waits for shows up there).  Per
+method it reports the first save alone and the median of the later ones, the
+time until the checkpoint is committed, the median step-time slowdown while
+the background write runs, bytes written, and peak host memory.
+
+Methods: torch.save, dcp.save, dcp.async_save (default stager), dcp.async_save
+with a pinned DefaultStager (torchtitan's "async_with_pinned_mem"), asyncckpt
+pinned, asyncckpt device, and the device-to-host copy into preallocated
+buffers (the limit).  Prints JSON lines and a markdown table; with --out,
+writes RESULTS.md and a PNG bar chart there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from asyncckpt import CheckpointManager, TrainState
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(params: float, device: str) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    width = 4096 if params >= 2e8 else 1024 if params >= 1e7 else 256
+    layers = max(1, round(params / (width * width + width)))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(8, width, device=device)
+    return model, opt, x
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+         guard: Callable[[], Any] = contextlib.nullcontext) -> float:
+    t0 = time.perf_counter()
+    model(x).float().pow(2).mean().backward()
+    with guard():
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - t0
+
+
+def host_memory() -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
+        stats = torch.cuda.host_memory_stats()
+        out["pinned_peak"] = int(stats.get("allocated_bytes.all.peak", stats.get("reserved_bytes.all.peak", 0)))
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class Method:
+    """A way to save: ``save(i)`` returns a waiter that blocks until committed."""
+
+    name = ""
+
+    def guard(self) -> Any:
+        """What the training loop wraps ``optimizer.step()`` in for this method."""
+        return contextlib.nullcontext()
+
+    def setup(self, root: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None: ...
+    def save(self, i: int) -> Callable[[], None]: ...
+    def close(self) -> None: ...
+
+
+class TorchSave(Method):
+    name = "torch.save"
+
+    def setup(self, root, model, opt):
+        self.root, self.model, self.opt = root, model, opt
+
+    def save(self, i):
+        torch.save({"model": self.model.state_dict(), "optim": self.opt.state_dict()},
+                   self.root / f"ckpt-{i}.pt")
+        return lambda: None
+
+
+class DcpSave(TorchSave):
+    name = "dcp.save"
+
+    def state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        m, o = get_state_dict(self.model, self.opt)
+        return {"model": m, "optim": o}
+
+    def save(self, i):
+        dcp.save(self.state(), checkpoint_id=str(self.root / f"step-{i}"))
+        return lambda: None
+
+
+class DcpAsync(DcpSave):
+    name = "dcp.async_save"
+
+    def save(self, i):
+        fut = dcp.async_save(self.state(), checkpoint_id=str(self.root / f"step-{i}"))
+        return (lambda: fut.upload_completion.result()) if hasattr(fut, "upload_completion") else fut.result
+
+
+class DcpAsyncPinned(DcpSave):
+    name = "dcp.async_save pinned"
+
+    def setup(self, root, model, opt):
+        super().setup(root, model, opt)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        self._make = lambda: DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                          use_shared_memory=False,
+                                                          use_async_staging=True,
+                                                          use_non_blocking_copy=torch.cuda.is_available()))
+        self.stagers: list[Any] = []
+
+    def save(self, i):
+        stager = self._make()  # a fresh stager per save: reusing one raised KeyError on torch 2.11
+        self.stagers.append(stager)
+        resp = dcp.async_save(self.state(), checkpoint_id=str(self.root / f"step-{i}"), async_stager=stager)
+        if hasattr(resp, "staging_completion"):
+            return lambda: (resp.staging_completion.result(), resp.upload_completion.result())
+        return resp.result
+
+    def close(self):
+        for s in self.stagers:
+            s.close()
+
+
+class Asyncckpt(TorchSave):
+    def __init__(self, staging: str, compression: str | None) -> None:
+        self.staging, self.compression = staging, compression
+        self.name = f"asyncckpt {staging}" + ("" if compression else " (no zstd)")
+
+    def setup(self, root, model, opt):
+        self.mgr = CheckpointManager(root, staging=self.staging, compression=self.compression)
+        self.state = TrainState(model=model, optimizer=opt, rng=False)
+        self.mgr.prewarm(self.state)
+        if self.mgr._stager._prewarm is not None:
+            self.mgr._stager._prewarm.join()
+
+    def save(self, i):
+        h = self.mgr.save(i + 1, self.state)
+        return h.result
+
+    def close(self):
+        self.mgr.close()
+
+
+class TorchCheckpointing(TorchSave):
+    """meta-pytorch's torch_checkpointing: prewarmed pinned staging, background process."""
+
+    name = "torch_checkpointing"
+
+    def setup(self, root, model, opt):
+        import torch_checkpointing as tc
+        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+
+        super().setup(root, model, opt)
+        cfg = tc.CheckpointManager.Config(
+            save=tc.AsyncCheckpointSaverConfig(),
+            storage_config=LocalFileSystemStorageConfig(use_direct_io=False))  # O_DIRECT: EINVAL
+        self.mgr = cfg.build()
+        self.mgr.prewarm_staging(self.payload())
+        self.mgr.save(str(self.root / "prewarm"), self.payload()).result()  # prewarmed well before
+
+    def payload(self):
+        return {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+
+    def guard(self):
+        return self.mgr.lock()
+
+    def save(self, i):
+        return self.mgr.save(str(self.root / f"step-{i}"), self.payload()).result
+
+    def close(self):
+        self.mgr.close()
+
+
+class TorchSnapshot(TorchSave):
+    name = "torchsnapshot"
+
+    def save(self, i):
+        from torchsnapshot import Snapshot
+
+        pending = Snapshot.async_take(str(self.root / f"step-{i}"),
+                                      app_state={"model": self.model, "optim": self.opt})
+        return pending.wait
+
+
+class CopyLimit(TorchSave):
+    name = "device-to-host limit"
+
+    def setup(self, root, model, opt):
+        super().setup(root, model, opt)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        m, o = get_state_dict(model, opt)
+        self.src = [t for t in _tensors({"m": m, "o": o})]
+        pin = torch.cuda.is_available()
+        self.dst = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in self.src]
+
+    def save(self, i):
+        for s, d in zip(self.src, self.dst):
+            d.copy_(s, non_blocking=True)
+        sync()
+        return lambda: None
+
+
+def _tensors(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _tensors(x)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _tensors(x)
+
+
+def measure(method: Method, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, opt, x = build(args.params, device)
+    for _ in range(2):
+        step(model, opt, x)
+    root = workdir / method.name.replace(" ", "_").replace("(", "").replace(")", "")
+    root.mkdir(parents=True, exist_ok=True)
+    method.setup(root, model, opt)
+    guard = method.guard
+    base = statistics.median(step(model, opt, x, guard) for _ in range(args.warmup))
+    stalls, commits, during = [], [], []
+    for i in range(args.saves):
+        t0 = time.perf_counter()
+        waiter = method.save(i)
+        call = time.perf_counter() - t0
+        done: dict[str, float] = {}
+        th = threading.Thread(target=lambda: (waiter(), done.setdefault("t", time.perf_counter())))
+        th.start()
+        follow = [step(model, opt, x, guard) for _ in range(args.follow)]
+        extra = sum(max(0.0, s - base) for s in follow[:3])
+        while th.is_alive():
+            during.append(step(model, opt, x, guard))
+            th.join(timeout=0)
+        th.join()
+        during += follow[3:]
+        stalls.append(call + extra)
+        commits.append(done["t"] - t0)
+        for _ in range(args.between):
+            step(model, opt, x, guard)
+    method.close()
+    mem = host_memory()
+    nbytes = dir_bytes(root)
+    shutil.rmtree(root, ignore_errors=True)
+    later = stalls[1:] or stalls
+    return {
+        "method": method.name, "first_stall_s": round(stalls[0], 5),
+        "stall_s": round(statistics.median(later), 5), "committed_s": round(statistics.median(commits), 4),
+        "step_s": round(base, 5),
+        "slowdown": round(statistics.median(during) / base - 1, 4) if during else None,
+        "bytes_written": nbytes // args.saves, "rss_peak": mem.get("VmHWM"), "pinned_peak": mem.get("pinned_peak"),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| method | first stall (s) | stall, median (s) | committed (s) | step slowdown | bytes/save |\n|---|---|---|---|---|---|"
+    lines = [head]
+    for r in rows:
+        slow = "" if r["slowdown"] is None else f"{r['slowdown'] * 100:+.1f}%"
+        lines.append(f"| {r['method']} | {r['first_stall_s']:.4f} | {r['stall_s']:.4f} | "
+                     f"{r['committed_s']:.3f} | {slow} | {r['bytes_written'] / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=float, default=2e7, help="model parameters (fp32 + AdamW = 16 B each)")
+    p.add_argument("--saves", type=int, default=4, help="saves per method (first + median of the rest)")
+    p.add_argument("--warmup", type=int, default=10, help="steps to take the median step time from")
+    p.add_argument("--follow", type=int, default=5, help="steps timed right after each save")
+    p.add_argument("--between", type=int, default=3, help="untimed steps between saves")
+    p.add_argument("--methods", default="all", help="comma-separated subset of method names")
+    p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
+    p.add_argument("--out", default=None, help="folder for RESULTS.md and stall.png")
+    args = p.parse_args()
+
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="asyncckpt-stall-"))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+    methods: list[Method] = [TorchSave(), DcpSave(), DcpAsync(), DcpAsyncPinned(),
+                             Asyncckpt("pinned", None), Asyncckpt("pinned", "zstd"), CopyLimit()]
+    if torch.cuda.is_available():
+        methods.insert(6, Asyncckpt("device", None))
+    for optional, module in ((TorchCheckpointing(), "torch_checkpointing"), (TorchSnapshot(), "torchsnapshot")):
+        try:
+            __import__(module)
+            methods.insert(-1, optional)
+        except ImportError:
+            print(f"{module} not installed: skipped", file=sys.stderr)
+    if args.methods != "all":
+        wanted = set(args.methods.split(","))
+        methods = [m for m in methods if m.name in wanted]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    params = sum(p.numel() for p in build(args.params, "meta")[0].parameters())
+    env = {"device": device, "torch": torch.__version__, "params": params,
+           "date": dt.date.today().isoformat(), "cpus": os.cpu_count()}
+    print(json.dumps({"env": env}), flush=True)
+    rows = []
+    for m in methods:
+        r = measure(m, args, tmp)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    md = table(rows)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        state_gb = env["params"] * 16 / 1e9
+        (out / "RESULTS.md").write_text(
+            f"# Stall benchmark\n\n{env['device']}, torch {env['torch']}, {env['params'] / 1e6:.1f} M fp32 "
+            f"parameters + AdamW ({state_gb:.2f} GB of state), {env['date']}.\n"
+            f"Command: `python {' '.join(sys.argv)}`\n\n{md}\n")
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(8, 4))
+            ax.barh([r["method"] for r in rows], [r["stall_s"] for r in rows])
+            ax.set_xscale("log")
+            ax.set_xlabel("training stall per checkpoint (s, log scale)")
+            ax.set_title(f"{env['device']}, {env['params'] / 1e6:.0f} M params, torch {env['torch']}")
+            fig.tight_layout()
+            fig.savefig(out / "stall.png", dpi=120)
+        except ImportError:
+            print("matplotlib not installed: no chart", file=sys.stderr)
+    dist.destroy_process_group()
+    if args.workdir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""A real fsspec filesystem for fault injection: local disk that fails or pauses on a chosen write.
+
+``new_faulty_fs()`` registers a fresh subclass of fsspec's ``LocalFileSystem``
+under a unique protocol (``faulty<N>``) and returns it; each class keeps its
+own counters, so tests never share state.  Its protocol also lists ``"file"``
+because it *is* a local disk: ``Storage`` then takes its local path (fsync,
+temporary file renamed into place), exactly as for a plain directory.
+
+Every ``write()`` on a file opened for writing is counted, across threads.
+``fail_on_write(n)`` makes the n-th write from then on raise ``OSError``
+(later writes succeed); ``pause()`` makes writes wait until ``release()``,
+and sets ``paused`` once a writer is waiting, so a test can synchronise on it
+instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import threading
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_ids = itertools.count(1)
+GATE_TIMEOUT_S = 60.0
+
+
+class _FaultyFile:
+    """Wraps a local file; ``write`` asks the filesystem class first."""
+
+    def __init__(self, f: Any, fs_cls: type["FaultyFS"]) -> None:
+        self._f = f
+        self._fs_cls = fs_cls
+
+    def write(self, data: Any) -> int:
+        self._fs_cls._before_write()
+        return self._f.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "_FaultyFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+
+
+class FaultyFS(LocalFileSystem):
+    """Local files whose writes can be made to fail or to wait."""
+
+    protocol = ("faulty", "file")
+    writes = 0
+    fail_at: int | None = None
+    failures = 0
+    gate: threading.Event | None = None
+    paused = threading.Event()
+    lock = threading.Lock()
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        f = super()._open(path, mode, **kwargs)
+        return _FaultyFile(f, type(self)) if any(c in mode for c in "wax") else f
+
+    # -- control (class-level: fsspec caches instances) ---------------------------
+    @classmethod
+    def url(cls, path: Any) -> str:
+        return f"{cls.protocol[0]}://{path}"
+
+    @classmethod
+    def reset_count(cls) -> None:
+        with cls.lock:
+            cls.writes = 0
+
+    @classmethod
+    def fail_on_write(cls, n: int) -> None:
+        """Raise OSError on the n-th write counted from now (1-based)."""
+        with cls.lock:
+            cls.writes, cls.fail_at, cls.failures = 0, n, 0
+
+    @classmethod
+    def disarm(cls) -> None:
+        with cls.lock:
+            cls.fail_at = None
+
+    @classmethod
+    def pause(cls) -> None:
+        cls.paused = threading.Event()
+        cls.gate = threading.Event()
+
+    @classmethod
+    def release(cls) -> None:
+        gate, cls.gate = cls.gate, None
+        if gate is not None:
+            gate.set()
+
+    @classmethod
+    def _before_write(cls) -> None:
+        with cls.lock:
+            cls.writes += 1
+            fail = cls.fail_at is not None and cls.writes == cls.fail_at
+            if fail:
+                cls.failures += 1
+            gate = cls.gate
+        if fail:
+            raise OSError(errno.EIO, f"injected write failure (write #{cls.fail_at})")
+        if gate is not None:
+            cls.paused.set()
+            if not gate.wait(GATE_TIMEOUT_S):
+                raise OSError(errno.EIO, "test gate was never released")
+
+
+def new_faulty_fs() -> type[FaultyFS]:
+    """A freshly registered FaultyFS subclass with its own protocol and counters."""
+    name = f"faulty{next(_ids)}"
+    cls = type(f"FaultyFS_{name}", (FaultyFS,), {
+        "protocol": (name, "file"), "writes": 0, "fail_at": None, "failures": 0,
+        "gate": None, "paused": threading.Event(), "lock": threading.Lock(),
+    })
+    fsspec.register_implementation(name, cls, clobber=True)
+    return cls

@@ -1,0 +1,72 @@
+"""Child process of the crash-during-pruning test (tests/test_retention_manager.py).
+
+``python helpers_prune_child.py ROOT STEP`` opens a manager on ROOT with
+``Retention(keep_last=1)`` through an ``announce://`` filesystem (local files,
+registered here) and saves STEP; the commit makes every older checkpoint but
+the newest two surplus, and the background retention deletes them.
+
+Every single deletion (a recursive delete is done file by file, then the
+folder, as an object store would) is announced on stdout as ``rm <path>`` and
+waits for a line on stdin first, so the parent can SIGKILL this process at an
+exact point: no sleeps.  ``done`` is printed once the manager has closed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch import nn
+
+
+def _announce(path: str) -> None:
+    print(f"rm {path}", flush=True)
+    if not sys.stdin.readline():
+        os._exit(3)  # the parent went away
+
+
+class AnnouncingFS(LocalFileSystem):
+    """Local files; each deletion is announced and waits for the parent's go-ahead."""
+
+    protocol = ("announce", "file")
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: Any = None) -> None:
+        for p in path if isinstance(path, list) else [path]:
+            p = self._strip_protocol(p)
+            if recursive and os.path.isdir(p):
+                for name in sorted(os.listdir(p)):
+                    _announce(os.path.join(p, name))
+                    os.remove(os.path.join(p, name))
+                _announce(p)
+                os.rmdir(p)
+            else:
+                _announce(p)
+                super().rm(p, recursive=recursive, maxdepth=maxdepth)
+
+
+def weights_at(step: int) -> nn.Module:
+    """The model as saved at ``step``: every parameter filled with the step number."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(step))
+    return model
+
+
+def main() -> None:
+    fsspec.register_implementation("announce", AnnouncingFS, clobber=True)
+    from asyncckpt import CheckpointManager, Retention, TrainState
+
+    root, step = sys.argv[1], int(sys.argv[2])
+    with CheckpointManager(f"announce://{root}", retention=Retention(keep_last=1)) as mgr:
+        mgr.save(step, TrainState(model=weights_at(step)), blocking=True)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Tests for asyncckpt.config: ManagerOptions, and options and plans from YAML (pure)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from asyncckpt.config import (
+    ManagerOptions,
+    PlanRequest,
+    load_yaml_text,
+    options_from_dict,
+    plan_request,
+    with_checkpoint_schedule,
+)
+from asyncckpt.errors import ConfigError
+from asyncckpt.retention import Retention
+from asyncckpt.schedule import Schedule, plan_checkpoints
+
+# ---------------------------------------------------------------- ManagerOptions
+
+
+def test_signal_options_defaults() -> None:
+    opts = ManagerOptions()
+    assert opts.save_on_signal is False and opts.signal_grace_s == 30.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "quoted"),
+    [
+        ({"signal_grace_s": 0}, "signal_grace_s=0"),
+        ({"signal_grace_s": -1.0}, "signal_grace_s=-1.0"),
+        ({"signal_grace_s": math.inf}, "signal_grace_s=inf"),
+        ({"signal_grace_s": math.nan}, "signal_grace_s=nan"),
+        ({"signal_grace_s": "30"}, "signal_grace_s='30'"),
+        ({"signal_grace_s": True}, "signal_grace_s=True"),
+        ({"save_on_signal": "yes"}, "save_on_signal='yes'"),
+    ],
+)
+def test_signal_options_rejected(kwargs: dict, quoted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ManagerOptions(**kwargs)
+    assert quoted in str(info.value)
+
+
+# ---------------------------------------------------------------- load_yaml_text
+
+
+def test_load_yaml_text() -> None:
+    assert load_yaml_text("a: 1\n", "x.yaml") == {"a": 1}
+    assert load_yaml_text("", "x.yaml") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "quoted"),
+    [
+        ("training: [1\n", "x.yaml is not valid YAML at line 2, column 1"),
+        ("a: b: c\n", "x.yaml is not valid YAML at line 1"),
+        ("- 1\n- 2\n", "expected a mapping at the top, found a list"),
+        ("!!python/object:os.system {}\n", "x.yaml is not valid YAML"),  # safe_load only
+    ],
+)
+def test_load_yaml_text_rejects(text: str, quoted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_yaml_text(text, "x.yaml")
+    assert quoted in str(info.value)
+
+
+# ---------------------------------------------------------------- plan_request
+
+
+@pytest.mark.parametrize(
+    ("training", "total", "per_epoch"),
+    [
+        ({"total_steps": 500}, 500, 500),
+        ({"epochs": 3, "steps_per_epoch": 100}, 300, 100),
+        ({"total_steps": 300, "steps_per_epoch": 100}, 300, 100),
+        ({"total_steps": 300, "epochs": 3}, 300, 100),
+        ({"total_steps": 300, "epochs": 3, "steps_per_epoch": 100}, 300, 100),
+        ({"total_steps": 3.0e2, "lr": 0.1, "batch_size": 8}, 300, 300),  # trainer keys ignored
+    ],
+)
+def test_plan_request_lengths(training: dict, total: int, per_epoch: int) -> None:
+    req = plan_request({"training": training})
+    assert (req.total_steps, req.steps_per_epoch) == (total, per_epoch)
+
+
+def test_plan_request_reads_every_key_and_plans_like_plan_checkpoints() -> None:
+    config = {"training": {"epochs": 4, "steps_per_epoch": 1000, "dataset_tokens": 12_000_000,
+                           "target_checkpoints": 30, "log_steps_first_epoch": False,
+                           "min_checkpoint_interval": 50}}
+    req = plan_request(config)
+    assert req == PlanRequest(total_steps=4000, steps_per_epoch=1000, target=30,
+                              dataset_tokens=12_000_000, log_steps_first_epoch=False, min_interval=50)
+    assert req.plan() == plan_checkpoints(4000, 1000, target=30, log_steps_first_epoch=False,
+                                          min_interval=50)
+    assert req.target_for() == (30, "training.target_checkpoints")
+
+
+def test_plan_request_target_for_dataset_size() -> None:
+    req = plan_request({"training": {"total_steps": 10_000, "dataset_tokens": 30_000_000}})
+    assert req.target_for() == (100, "large dataset")
+    assert req.target_for({"large": 30}) == (30, "large dataset")
+    assert len(req.plan({"large": 30})) == 30
+    assert plan_request({"training": {"total_steps": 10}}).target_for()[0] is None
+
+
+@pytest.mark.parametrize(
+    ("config", "quoted"),
+    [
+        ({}, "x.yaml: training.total_steps is missing"),
+        ({"training": None}, "training.total_steps is missing"),
+        ({"training": {"epochs": 3}}, "training.total_steps is missing"),
+        ({"training": [1, 2]}, "x.yaml: training=[1, 2] is not valid: expected a mapping"),
+        ({"training": {"total_steps": 0}}, "x.yaml: training.total_steps=0 is not valid"),
+        ({"training": {"total_steps": "10"}}, "training.total_steps='10'"),
+        ({"training": {"total_steps": 10, "target_checkpoints": -1}}, "target_checkpoints=-1"),
+        ({"training": {"total_steps": 10, "dataset_tokens": "3e7"}}, "dataset_tokens='3e7'"),
+        ({"training": {"total_steps": 10, "log_steps_first_epoch": "no"}}, "log_steps_first_epoch='no'"),
+        ({"training": {"total_steps": 10, "min_checkpoint_interval": 0}}, "min_checkpoint_interval=0"),
+        ({"training": {"total_steps": 301, "epochs": 3, "steps_per_epoch": 100}}, "disagrees"),
+        ({"training": {"total_step": 10}}, "unknown key 'total_step'; did you mean 'total_steps'?"),
+        ({"training": {"total_steps": 10, "steps_per_epochs": 5}}, "did you mean 'steps_per_epoch'?"),
+    ],
+)
+def test_plan_request_rejects(config: dict, quoted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_request(config, "x.yaml")
+    assert quoted in str(info.value)
+
+
+# ---------------------------------------------------------------- options_from_dict
+
+
+def test_options_from_dict_full_section() -> None:
+    root, opts = options_from_dict({"checkpoint": {
+        "root": "runs/a", "compression": None, "max_pending": 3, "save_on_signal": True,
+        "signal_grace_s": 5, "storage_options": {"anon": True},
+        "retention": {"keep_last": 3, "keep_best": 1, "best_metric": "val_loss", "best_mode": "min"},
+        "schedule": {"every_n_steps": 500, "on_epoch_end": True, "param_milestones": "1K,5K"},
+    }, "model": {"width": 3}})
+    assert root == "runs/a"
+    assert opts.retention == Retention(keep_last=3, keep_best=1, best_metric="val_loss")
+    assert opts.schedule == Schedule(every_n_steps=500, on_epoch_end=True, param_milestones=[1000, 5000])
+    assert (opts.compression, opts.max_pending, opts.save_on_signal, opts.signal_grace_s) == (None, 3, True, 5)
+    assert opts.storage_options == {"anon": True}
+
+
+def test_options_from_dict_overrides() -> None:
+    root, opts = options_from_dict({"checkpoint": {"root": "a", "schedule": {"every_n_steps": 5}}},
+                                   overrides={"root": "b", "schedule": Schedule(every_n_steps=7)})
+    assert root == "b" and opts.schedule == Schedule(every_n_steps=7)
+
+
+def test_schedule_from_training_checkpoint_schedule() -> None:
+    config = {"training": {"total_steps": 100, "checkpoint_schedule": [10, 50, 100]},
+              "checkpoint": {"root": "r"}}
+    assert options_from_dict(config)[1].schedule == Schedule(at_steps=[10, 50, 100])
+    config["checkpoint"]["schedule"] = {"on_epoch_end": True}  # merged: at_steps added
+    assert options_from_dict(config)[1].schedule == Schedule(on_epoch_end=True, at_steps=[10, 50, 100])
+    config["checkpoint"]["schedule"] = {"at_steps": [7]}  # an explicit at_steps wins
+    assert options_from_dict(config)[1].schedule == Schedule(at_steps=[7])
+
+
+def test_auto_generate_checkpoints() -> None:
+    training = {"epochs": 2, "steps_per_epoch": 1000, "target_checkpoints": 12,
+                "auto_generate_checkpoints": True}
+    _, opts = options_from_dict({"training": training, "checkpoint": {"root": "r"}})
+    assert opts.schedule == Schedule(at_steps=plan_checkpoints(2000, 1000, target=12))
+    assert len(opts.schedule.at_steps) == 12
+    training["auto_generate_checkpoints"] = False
+    assert options_from_dict({"training": training, "checkpoint": {"root": "r"}})[1].schedule is None
+
+
+@pytest.mark.parametrize(
+    ("config", "quoted"),
+    [
+        ({}, "x.yaml: checkpoint.root is missing"),
+        ({"checkpoint": {"root": ""}}, "checkpoint.root is missing"),
+        ({"checkpoint": "runs/a"}, "x.yaml: checkpoint='runs/a' is not valid: expected a mapping"),
+        ({"checkpoint": {"root": "r", "keep_last": 3}}, "x.yaml: checkpoint: unknown key 'keep_last'"),
+        ({"checkpoint": {"root": "r", "compresion": "zstd"}}, "did you mean 'compression'?"),
+        ({"checkpoint": {"root": "r", "retention": {"keep_lst": 3}}},
+         "x.yaml: checkpoint.retention: unknown key 'keep_lst'; did you mean 'keep_last'?"),
+        ({"checkpoint": {"root": "r", "schedule": {"every": 3}}}, "checkpoint.schedule: unknown key 'every'"),
+        ({"checkpoint": {"root": "r", "schedule": {"every_n_steps": 0}}},
+         "x.yaml: checkpoint.schedule: every_n_steps=0 is not valid"),
+        ({"checkpoint": {"root": "r", "schedule": "every 5"}}, "x.yaml: checkpoint: schedule='every 5'"),
+        ({"checkpoint": {"root": "r", "compression": "lz4"}}, "x.yaml: checkpoint: compression='lz4'"),
+        ({"checkpoint": {"root": "r"}, "training": {"checkpoint_schedule": [0, 5]}},
+         "x.yaml: training.checkpoint_schedule: at_steps=[0, 5]"),
+        ({"checkpoint": {"root": "r"}, "training": {"auto_generate_checkpoints": "yes"}},
+         "training.auto_generate_checkpoints='yes'"),
+        ({"checkpoint": {"root": "r"}, "training": {"auto_generate_checkpoints": True}},
+         "training.total_steps is missing"),
+    ],
+)
+def test_options_from_dict_rejects(config: dict, quoted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        options_from_dict(config, "x.yaml")
+    assert quoted in str(info.value)
+
+
+# ---------------------------------------------------------------- with_checkpoint_schedule
+
+DOC = """\
+# experiment 7
+model:
+  width: 128   # hidden size
+training:
+  # length of the run
+  total_steps: 10000
+  lr: 0.1
+checkpoint:
+  root: runs/x
+"""
+
+
+def _expected(text: str, plan: list[int]) -> dict:
+    data = yaml.safe_load(text)
+    data["training"] = {**(data.get("training") or {}), "checkpoint_schedule": plan}
+    return data
+
+
+def test_with_checkpoint_schedule_adds_the_key_and_keeps_comments() -> None:
+    out, kept = with_checkpoint_schedule(DOC, [1, 2, 4])
+    assert kept
+    assert out == DOC.replace("  lr: 0.1\n", "  lr: 0.1\n  checkpoint_schedule: [1, 2, 4]\n")
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        "  checkpoint_schedule: [5, 6]\n",
+        "  checkpoint_schedule:\n  - 5\n  - 6\n",
+        "  checkpoint_schedule:\n    - 5\n\n    - 6\n",
+        "  checkpoint_schedule: [5,\n    6]\n",
+        "  checkpoint_schedule:   # planned\n  - 5\n",
+    ],
+)
+def test_with_checkpoint_schedule_replaces_an_old_plan(old: str) -> None:
+    text = DOC.replace("  lr: 0.1\n", f"{old}  # the learning rate\n  lr: 0.1\n")
+    out, kept = with_checkpoint_schedule(text, [1, 2])
+    assert kept
+    assert out == DOC.replace("  lr: 0.1\n", "  checkpoint_schedule: [1, 2]\n  # the learning rate\n  lr: 0.1\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "training:",  # no newline, no body
+        "training:\n",
+        "training:   # the run\n    total_steps: 5\n",  # 4-space indent
+        "a: 1\ntraining:\n  total_steps: 5\n\n\n# trailing comment\n",
+        "training:\r\n  total_steps: 5\r\nb: 2\r\n",
+    ],
+)
+def test_with_checkpoint_schedule_layouts(text: str) -> None:
+    out, kept = with_checkpoint_schedule(text, [3, 5])
+    assert kept
+    assert yaml.safe_load(out) == _expected(text, [3, 5])
+
+
+@pytest.mark.parametrize("text", ["training: {total_steps: 5}\n", "a: 1\n", "{training: {total_steps: 5}}\n"])
+def test_with_checkpoint_schedule_falls_back_to_a_dump(text: str) -> None:
+    out, kept = with_checkpoint_schedule(text, [3, 5])
+    assert not kept
+    assert yaml.safe_load(out) == _expected(text, [3, 5])
+
+
+def test_with_checkpoint_schedule_wraps_long_plans() -> None:
+    plan = list(range(1, 10_001, 37))
+    out, kept = with_checkpoint_schedule(DOC, plan)
+    assert kept and max(len(line) for line in out.splitlines()) <= 100
+    assert yaml.safe_load(out) == _expected(DOC, plan)
+
+
+def test_with_checkpoint_schedule_rejects_bad_yaml() -> None:
+    with pytest.raises(ConfigError, match="x.yaml is not valid YAML"):
+        with_checkpoint_schedule("training: [", [1], "x.yaml")

@@ -1,0 +1,216 @@
+"""asyncckpt.manifest: JSON round trips, step folder names, strict parsing, selection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from asyncckpt.manifest import (
+    FORMAT_VERSION,
+    CheckpointInfo,
+    FileEntry,
+    Manifest,
+    check_step,
+    parse_step_dir,
+    select,
+    step_dir_name,
+)
+
+MAX_STEP = 10**10 - 1
+SOURCE = "s3://bucket/run/step-0000000007/manifest.json"
+
+# -- round trip -----------------------------------------------------------------------------
+
+steps = st.integers(0, MAX_STEP)
+texts = st.text(max_size=12)
+file_names = st.text(min_size=1, max_size=12).filter(lambda s: "/" not in s and s not in (".", ".."))
+metric_values = st.floats(allow_nan=False)           # infinities survive the round trip too
+
+file_entries = st.builds(
+    FileEntry, path=file_names, size=st.integers(0, 2**40),
+    checksum=st.none() | st.from_regex(r"crc32:[0-9a-f]{8}", fullmatch=True),
+    codec=st.sampled_from([None, "zstd"]), rank=st.none() | st.integers(0, 1024))
+
+manifests = st.builds(
+    Manifest, step=steps, epoch=st.none() | st.integers(0, 10**6), time=texts,
+    metrics=st.dictionaries(texts, metric_values, max_size=4),
+    tags=st.lists(texts, max_size=4).map(tuple), world_size=st.integers(1, 4096),
+    files=st.lists(file_entries, max_size=5).map(tuple), param_count=st.integers(0, 10**12),
+    codec=st.sampled_from([None, "zstd"]), torch_version=texts,
+    git_commit=st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
+    host=texts, device=texts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=manifests)
+def test_json_round_trip(m):
+    text = m.to_json()
+    assert Manifest.from_json(text) == m
+    assert Manifest.from_json(text.encode()) == m
+    assert next(iter(json.loads(text))) == "format_version"
+
+
+@settings(max_examples=50, deadline=None)
+@given(m=manifests)
+def test_info_from_manifest_keeps_the_record(m):
+    info = CheckpointInfo.from_manifest(m, "mem://x", extra_tags=("best:loss",))
+    assert (info.step, info.epoch, info.bytes) == (m.step, m.epoch, sum(f.size for f in m.files))
+    assert info.tags[-1] == "best:loss" and set(m.tags) <= set(info.tags)
+    json.dumps(info.to_dict(), allow_nan=False)
+
+
+def test_infinite_metrics_round_trip_as_strings():
+    m = Manifest(step=1, metrics={"loss": float("inf"), "gain": float("-inf")})
+    assert json.loads(m.to_json())["metrics"] == {"loss": "inf", "gain": "-inf"}
+    assert Manifest.from_json(m.to_json()) == m
+
+
+# -- step folder names ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("step, name", [(0, "step-0000000000"), (500, "step-0000000500"),
+                                        (MAX_STEP, "step-9999999999")])
+def test_step_dir_name(step, name):
+    assert step_dir_name(step) == name
+    assert parse_step_dir(name) == step
+
+
+@given(step=steps)
+def test_step_dir_name_round_trips_and_sorts(step):
+    name = step_dir_name(step)
+    assert parse_step_dir(name) == step
+    assert (name < step_dir_name(step + 1)) if step < MAX_STEP else True
+
+
+@pytest.mark.parametrize("name, step", [
+    ("step-0000000005/", 5), ("runs/a/step-0000000005", 5), ("s3://b/r/step-0000000012/", 12),
+])
+def test_parse_step_dir_takes_the_last_path_part(name, step):
+    assert parse_step_dir(name) == step
+
+
+@pytest.mark.parametrize("name", [
+    "step-000000001",            # 9 digits
+    "step-00000000001",          # 11 digits
+    "step-00000000010x",
+    "xstep-0000000010",
+    "step-0000000010.tmp",
+    "step_0000000010",
+    "step-+000000010",
+    "step- 000000010",
+    "step-" + "\u0661" * 10,     # Arabic-Indic digits are not a step
+    "releases",
+    "",
+])
+def test_parse_step_dir_rejects_other_names(name):
+    assert parse_step_dir(name) is None
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_STEP + 1, 1.0, True, False, "3", None])
+def test_bad_steps_are_refused(bad):
+    with pytest.raises(ConfigError, match="step"):
+        check_step(bad)
+    with pytest.raises(ConfigError, match="step"):
+        step_dir_name(bad)
+
+
+# -- strict parsing -----------------------------------------------------------------------
+
+def _raw(**changes) -> str:
+    raw = Manifest(step=7, time="2026-01-01T00:00:00.000Z",
+                   files=(FileEntry(path="__0_0.distcp", size=10),)).to_dict()
+    for k, v in changes.items():
+        if v is _DROP:
+            raw.pop(k)
+        else:
+            raw[k] = v
+    return json.dumps(raw)
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("text, detail", [
+    ("{not json", "JSON"),
+    (b"\xff\xfe", "JSON"),
+    ("[1, 2]", "object"),
+    ("null", "object"),
+    (_raw(step=_DROP), "step"),
+    (_raw(files=_DROP), "files"),
+    (_raw(format_version="1"), "format_version"),
+    (_raw(format_version=0), "format_version"),
+    (_raw(format_version=99), "format_version"),
+    (_raw(step=-1), "step"),
+    (_raw(step="7"), "step"),
+    (_raw(step=True), "step"),
+    (_raw(epoch=1.5), "1.5"),
+    (_raw(epoch=True), "True"),
+    (_raw(world_size="many"), "many"),
+    (_raw(files=[{"path": "../escape", "size": 1}]), "escape"),
+    (_raw(files=[{"path": "a/b", "size": 1}]), "a/b"),
+    (_raw(files=[{"path": "x"}]), "size"),
+    (_raw(files=["x"]), "x"),
+    (_raw(files=5), "malformed"),
+    (_raw(metrics={"loss": "low"}), "low"),
+    (_raw(metrics=[1.0, 2.0]), "malformed"),
+    (_raw(tags=5), "malformed"),
+])
+def test_malformed_manifest_names_its_source(text, detail):
+    with pytest.raises(CorruptCheckpointError) as ei:
+        Manifest.from_json(text, SOURCE)
+    assert SOURCE in str(ei.value)
+    assert detail in str(ei.value)
+    assert ei.value.path == SOURCE
+
+
+def test_newer_format_version_says_to_upgrade():
+    with pytest.raises(CorruptCheckpointError, match="upgrade"):
+        Manifest.from_json(_raw(format_version=FORMAT_VERSION + 1), SOURCE)
+
+
+def test_unknown_keys_are_ignored():
+    raw = json.loads(_raw())
+    raw["added_later"] = {"x": 1}
+    assert Manifest.from_json(json.dumps(raw)).step == 7
+
+
+# -- selection --------------------------------------------------------------------------------
+
+def _ms(*step_list: int) -> list[Manifest]:
+    return [Manifest(step=s) for s in step_list]
+
+
+def test_select_latest_is_the_highest_step():
+    assert select(_ms(30, 10, 20), "latest", "root").step == 30
+
+
+def test_select_a_step_by_int_or_digits():
+    assert select(_ms(10, 20), 10, "root").step == 10
+    assert select(_ms(10, 20), "20", "root").step == 20
+
+
+def test_select_missing_step_lists_the_others():
+    with pytest.raises(CheckpointNotFoundError) as ei:
+        select(_ms(20, 10), 15, "s3://bucket/run")
+    assert ei.value.available == [10, 20]
+    msg = str(ei.value)
+    assert "15" in msg and "10, 20" in msg and "s3://bucket/run" in msg
+
+
+def test_select_latest_with_nothing_committed():
+    with pytest.raises(CheckpointNotFoundError, match="no committed checkpoints"):
+        select([], "latest", "root")
+
+
+@pytest.mark.parametrize("which", [-1, 2.5, True, "ten"])
+def test_select_refuses_bad_steps(which):
+    with pytest.raises(ConfigError):
+        select(_ms(1), which, "root")
+
+
+def test_not_found_lists_at_most_twenty_steps():
+    err = CheckpointNotFoundError("at step 0", "root", range(1, 31))
+    assert "20 (+10 more)" in str(err) and "21" not in str(err)

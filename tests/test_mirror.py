@@ -1,0 +1,235 @@
+"""The backup mirror: copy after each commit, manifest last, its own retention, never
+blocking training, failures latched; and restore falling back to the backup.
+
+Local primaries and backups run everywhere; the S3 backup runs against moto's server
+on loopback (marker ``s3``).  Faults come from the real ``faulty_fs`` filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from asyncckpt import CheckpointManager, Retention, TrainState
+from asyncckpt.errors import ConfigError, CorruptCheckpointError, StorageError
+from asyncckpt.manifest import Manifest
+from asyncckpt.mirror import Mirror, with_backup
+from asyncckpt.storage import Storage, list_committed
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _state() -> tuple[TrainState, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return TrainState(model=model, optimizer=opt), model
+
+
+def _step(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+
+
+def _steps(root: Path | str, options: dict | None = None) -> list[int]:
+    return [m.step for m in list_committed(Storage(root, options))]
+
+
+def _damage(folder: Path) -> None:
+    shard = next(p for p in folder.iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+# -- the pure order of copies to try -----------------------------------------------------
+
+def _m(step: int) -> Manifest:
+    return Manifest(step=step)
+
+
+@pytest.mark.parametrize("primary, backup, latest, expected", [
+    ([3, 2], [3, 1], True, [(3, False), (3, True), (2, False), (1, True)]),
+    ([], [5, 4], True, [(5, True), (4, True)]),
+    ([2], [4], True, [(4, True), (2, False)]),
+    ([], [], True, []),
+    ([2], [1, 2], False, [(2, False), (2, True)]),
+    ([2], [1], False, [(2, False)]),
+    ([], [7], False, [(7, True)]),
+])
+def test_with_backup_orders_the_copies(primary, backup, latest, expected) -> None:
+    got = with_backup([_m(s) for s in primary], [_m(s) for s in backup], latest=latest)
+    assert [(m.step, b) for m, b in got] == expected
+
+
+# -- mirroring ---------------------------------------------------------------------------
+
+def test_mirror_copies_each_commit_manifest_last_under_its_own_retention(tmp_path) -> None:
+    state, model = _state()
+    with CheckpointManager(tmp_path / "primary", backup=str(tmp_path / "backup"),
+                           retention=Retention(keep_last=3),
+                           backup_retention=Retention(keep_last=2)) as mgr:
+        for step in range(1, 6):
+            _step(model)
+            mgr.save(step, state)
+            mgr.wait()                                  # waits for the mirror too
+        assert [i.step for i in mgr.list(backup=True)] == [4, 5]
+        assert all(i.path.startswith(str(tmp_path / "backup")) for i in mgr.list(backup=True))
+    assert _steps(tmp_path / "primary") == [3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["step-0000000004",
+                                                                       "step-0000000005"]
+    for step in (4, 5):
+        name = f"step-{step:010d}"
+        assert (tmp_path / "backup" / name / "manifest.json").read_bytes() == \
+            (tmp_path / "primary" / name / "manifest.json").read_bytes()
+    with CheckpointManager(tmp_path / "backup") as backup:
+        assert backup.verify() == {4: [], 5: []}
+
+
+def test_backup_retention_defaults_to_the_primary_retention(tmp_path) -> None:
+    state, model = _state()
+    with CheckpointManager(tmp_path / "p", backup=str(tmp_path / "b"),
+                           retention=Retention(keep_last=2)) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, state)
+    assert _steps(tmp_path / "b") == [3, 4] == _steps(tmp_path / "p")
+
+
+def test_a_mirror_that_falls_behind_skips_to_the_newest_without_blocking(tmp_path, faulty_fs,
+                                                                         caplog) -> None:
+    state, model = _state()
+    faulty_fs.pause()                                   # every write to the backup waits
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        mgr = CheckpointManager(tmp_path / "p", backup=faulty_fs.url(tmp_path / "b"))
+        mgr.save(1, state).result()
+        assert faulty_fs.paused.wait(30)                # the mirror is stuck copying step 1
+        for step in (2, 3, 4):                          # training and commits go on meanwhile
+            _step(model)
+            mgr.save(step, state).result()
+        faulty_fs.release()
+        mgr.close()
+    assert _steps(tmp_path / "p") == [1, 2, 3, 4]
+    assert _steps(tmp_path / "b") == [1, 4]
+    assert "the mirror to" in caplog.text and "is behind" in caplog.text
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_mirror_failure_is_latched_and_surfaces_per_on_error(tmp_path, faulty_fs, on_error,
+                                                               caplog) -> None:
+    state, model = _state()
+    mgr = CheckpointManager(tmp_path / "p", backup=faulty_fs.url(tmp_path / "b"), on_error=on_error)
+    faulty_fs.fail_on_write(1)
+    with caplog.at_level(logging.ERROR, logger="asyncckpt"):
+        mgr.save(1, state).result()                     # the save itself commits
+        if on_error == "raise":
+            with pytest.raises(StorageError, match="injected write failure"):
+                mgr.wait()
+        else:
+            mgr.wait()
+    assert "mirroring to" in caplog.text
+    assert _steps(tmp_path / "b") == [] and not any((tmp_path / "b").glob("step-*/*"))
+    faulty_fs.disarm()
+    mgr.save(2, state)
+    mgr.close()
+    assert _steps(tmp_path / "b") == [2]
+
+
+def test_a_damaged_primary_is_never_mirrored(tmp_path) -> None:
+    state, _ = _state()
+    with CheckpointManager(tmp_path / "p") as mgr:
+        mgr.save(1, state)
+    _damage(tmp_path / "p" / "step-0000000001")
+    mirror = Mirror(Storage(tmp_path / "p"), Storage(tmp_path / "b"))
+    mirror.submit(1)
+    with pytest.raises(CorruptCheckpointError, match="not mirrored"):
+        mirror.close()
+    assert _steps(tmp_path / "b") == [] and not any((tmp_path / "b").glob("step-*/*"))
+
+
+def test_a_step_pruned_from_the_primary_first_is_skipped(tmp_path, caplog) -> None:
+    mirror = Mirror(Storage(tmp_path / "p"), Storage(tmp_path / "b"))
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        mirror.submit(7)
+        mirror.close()
+    assert mirror.skipped == [7] and "deleted from the primary" in caplog.text
+
+
+def test_the_mirror_removes_leftovers_of_a_killed_mirror(tmp_path) -> None:
+    state, _ = _state()
+    torn = tmp_path / "b" / "step-0000000009"
+    torn.mkdir(parents=True)
+    (torn / "__0_0.distcp").write_bytes(b"half")
+    with CheckpointManager(tmp_path / "p", backup=str(tmp_path / "b")) as mgr:
+        mgr.save(1, state)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-0000000001"]
+
+
+# -- restoring from the backup ----------------------------------------------------------------
+
+def _saved(tmp_path: Path, backup: str, options: dict | None = None) -> dict[int, dict[str, Any]]:
+    state, model = _state()
+    params = {}
+    with CheckpointManager(tmp_path / "p", backup=backup, backup_storage_options=options) as mgr:
+        for step in (1, 2, 3):
+            _step(model)
+            mgr.save(step, state)
+            mgr.wait()                                  # mirrored before the next save
+            params[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    return params
+
+
+def _restore(tmp_path: Path, backup: str | None, options: dict | None = None, which: Any = "latest",
+             **kw: Any) -> tuple[int, torch.nn.Module]:
+    state, model = _state()
+    with CheckpointManager(tmp_path / "p", backup=backup, backup_storage_options=options) as mgr:
+        return mgr.restore(state, which, **kw), model
+
+
+def _same(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def test_restore_falls_back_to_the_backup_when_the_primary_is_damaged_or_gone(tmp_path, caplog):
+    backup = str(tmp_path / "b")
+    params = _saved(tmp_path, backup)
+    _damage(tmp_path / "p" / "step-0000000003")
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        step, model = _restore(tmp_path, backup)
+    assert step == 3 and _same(model, params[3])        # the backup's 3, not the primary's 2
+    assert "restoring from the backup" in caplog.text
+    step, model = _restore(tmp_path, backup, fallback_to_backup=False)
+    assert step == 2 and _same(model, params[2])        # without it: an older primary copy
+    shutil.rmtree(tmp_path / "p" / "step-0000000003")
+    shutil.rmtree(tmp_path / "p" / "step-0000000002")
+    step, model = _restore(tmp_path, backup, which=2)   # a step the primary lost
+    assert step == 2 and _same(model, params[2])
+    shutil.rmtree(tmp_path / "p")                       # the whole primary is gone
+    step, model = _restore(tmp_path, backup)
+    assert step == 3 and _same(model, params[3])
+
+
+def test_fallback_without_a_backup_is_a_config_error(tmp_path) -> None:
+    state, _ = _state()
+    with CheckpointManager(tmp_path / "p") as mgr:
+        with pytest.raises(ConfigError, match="backup"):
+            mgr.restore(state, fallback_to_backup=True)
+        with pytest.raises(ConfigError, match="backup"):
+            mgr.list(backup=True)
+
+
+@pytest.mark.s3
+def test_local_primary_with_an_s3_backup(tmp_path, s3_bucket) -> None:
+    backup, options = f"s3://{s3_bucket['name']}/backup", s3_bucket["options"]
+    params = _saved(tmp_path, backup, options)
+    assert _steps(backup, options) == [1, 2, 3]
+    keys = s3_bucket["client"].list_objects_v2(Bucket=s3_bucket["name"])["Contents"]
+    assert {k["Key"].split("/")[1] for k in keys} == {f"step-{s:010d}" for s in (1, 2, 3)}
+    shutil.rmtree(tmp_path / "p")
+    step, model = _restore(tmp_path, backup, options)
+    assert step == 3 and _same(model, params[3])

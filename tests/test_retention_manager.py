@@ -1,0 +1,310 @@
+"""Retention through the CheckpointManager: each rule end to end, tags, "best" restores,
+warnings, crash-safe pruning (a real child process killed in the middle), garbage collection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from asyncckpt import CheckpointManager, Retention, Schedule, TrainState
+from asyncckpt.errors import CheckpointNotFoundError, ConfigError
+from asyncckpt.manifest import MANIFEST_NAME
+from asyncckpt.retention import EPOCH_END_TAG
+from asyncckpt.schedule import format_params
+from asyncckpt.storage import Storage, list_committed, verify_files
+from helpers_prune_child import weights_at
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+TESTS = Path(__file__).resolve().parent
+CHILD = TESTS / "helpers_prune_child.py"
+
+
+def _state(step: int = 0) -> TrainState:
+    return TrainState(model=weights_at(step), rng=False)
+
+
+def _save(mgr: CheckpointManager, step: int, **kw) -> None:
+    mgr.save(step, _state(step), **kw)
+
+
+def _steps(mgr: CheckpointManager) -> list[int]:
+    return [i.step for i in mgr.list()]
+
+
+def _on_disk(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def _tags(mgr: CheckpointManager) -> dict[int, tuple[str, ...]]:
+    return {i.step: i.tags for i in mgr.list()}
+
+
+# -- each rule and combinations, end to end ------------------------------------------------
+
+LOSS = {1: 5.0, 2: 1.0, 3: 4.0, 4: 0.5, 5: 3.0, 6: 2.0, 7: 6.0, 8: 7.0, 9: 8.0, 10: 9.0}
+ACC = {1: 0.9, 2: 0.1, 3: 0.2, 4: 0.3, 5: 0.95, 6: 0.4, 7: 0.5, 8: 0.6, 9: 0.7, 10: 0.8}
+RULES = [
+    # (retention, tags per step, expected kept steps)
+    (Retention(keep_last=3), {}, [8, 9, 10]),
+    (Retention(keep_last=1), {}, [9, 10]),  # the newest two, whatever keep_last says
+    (Retention(keep_last=1, keep_best=2, best_metric="loss"), {}, [2, 4, 9, 10]),
+    (Retention(keep_last=1, keep_best=1, best_metric="acc", best_mode="max"), {}, [5, 9, 10]),
+    (Retention(keep_last=1, keep_best=1, best_metric=["loss", "acc"], best_mode={"acc": "max"}),
+     {}, [4, 5, 9, 10]),
+    (Retention(keep_last=2, keep_every_n_steps=4), {}, [4, 8, 9, 10]),
+    (Retention(keep_last=1, keep_epoch_ends=True), {3: [EPOCH_END_TAG], 6: [EPOCH_END_TAG]},
+     [3, 6, 9, 10]),
+    (Retention(keep_last=1), {3: [EPOCH_END_TAG]}, [9, 10]),  # epoch ends kept only when asked
+    (Retention(keep_last=1), {2: ["milestone:1.0B"], 7: ["release:x"]}, [2, 7, 9, 10]),
+    (Retention(keep_last=1, keep_tags=("keep-*",)), {2: ["milestone:1.0B"], 5: ["keep-me"]},
+     [5, 9, 10]),
+    (Retention(keep_last=3, keep_best=1, best_metric="loss", keep_every_n_steps=5,
+               keep_epoch_ends=True), {1: [EPOCH_END_TAG], 6: ["milestone:10M"]},
+     [1, 4, 5, 6, 8, 9, 10]),
+]
+
+
+@pytest.mark.parametrize("policy, tags, kept", RULES, ids=range(len(RULES)))
+def test_each_rule_end_to_end(tmp_path, policy, tags, kept):
+    root = tmp_path / "ckpt"
+    with CheckpointManager(root, retention=policy) as mgr:
+        for step in range(1, 11):
+            _save(mgr, step, metrics={"loss": LOSS[step], "acc": ACC[step]}, tags=tags.get(step, ()))
+        mgr.wait()
+        assert _steps(mgr) == kept
+        assert _on_disk(root) == kept
+        info = {i.step: i for i in mgr.list()}
+        for step, extra in tags.items():
+            if step in info:
+                assert set(extra) <= set(info[step].tags)
+        for metric in policy.metrics:  # list() marks the best by each metric of the policy
+            best = policy.best_step(list_committed(Storage(root)), metric)
+            assert f"best:{metric}" in info[best].tags
+
+
+def test_100_saves_keep_last_3_leave_exactly_three_and_no_stray_files(tmp_path):
+    root = tmp_path / "ckpt"
+    with CheckpointManager(root, retention=Retention(keep_last=3), compression=None) as mgr:
+        state = _state(1)
+        for step in range(1, 101):
+            mgr.save(step, state)
+    assert _on_disk(root) == [98, 99, 100]
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    expected = []
+    for m in list_committed(Storage(root)):
+        folder = f"step-{m.step:010d}"
+        expected += [folder, f"{folder}/{MANIFEST_NAME}", *(f"{folder}/{f.path}" for f in m.files)]
+    assert found == sorted(expected)
+
+
+def test_epoch_end_and_milestone_tags_come_from_maybe_save(tmp_path):
+    policy = Retention(keep_last=1, keep_epoch_ends=True)
+    model = weights_at(1)
+    trainable = sum(p.numel() for p in model.parameters())
+    schedule = Schedule(every_n_steps=3, on_epoch_end=True, param_milestones=[trainable])
+    with CheckpointManager(tmp_path / "ckpt", retention=policy, schedule=schedule) as mgr:
+        state = TrainState(model=model, rng=False)
+        for step in range(1, 11):
+            mgr.maybe_save(step, state, epoch_end=step in (4, 8), tags=["user"])
+        mgr.wait()
+        tags = _tags(mgr)
+    assert set(tags[1]) == {f"milestone:{format_params(trainable)}", "user"}
+    assert EPOCH_END_TAG in tags[4] and EPOCH_END_TAG in tags[8] and "user" in tags[4]
+    assert sorted(tags) == [1, 4, 8, 9]  # milestone and epoch ends kept; 9 newest; 6 dropped
+
+
+def test_maybe_save_epoch_end_without_schedule_tags_forced_saves(tmp_path):
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        assert mgr.maybe_save(1, _state(1), epoch_end=True) is None  # no schedule: not saved
+        mgr.maybe_save(2, _state(2), epoch_end=True, force=True).result()
+        assert _tags(mgr) == {2: (EPOCH_END_TAG,)}
+
+
+def test_nothing_is_deleted_before_the_save_that_makes_it_surplus_commits(tmp_path, faulty_fs):
+    root = tmp_path / "ckpt"
+    with CheckpointManager(faulty_fs.url(root), retention=Retention(keep_last=1)) as mgr:
+        for step in (1, 2, 3):
+            _save(mgr, step, blocking=True)
+        mgr.wait()  # retention runs after the commit that result() waits for
+        assert _steps(mgr) == [2, 3]
+        faulty_fs.pause()
+        handle = mgr.save(4, _state(4))
+        assert faulty_fs.paused.wait(30)
+        assert _steps(mgr) == [2, 3] and _on_disk(root) == [2, 3, 4]  # 4 is written, not committed
+        faulty_fs.release()
+        handle.result(timeout=30)
+        mgr.wait()
+        assert _steps(mgr) == [3, 4] and _on_disk(root) == [3, 4]
+
+
+def test_missing_metric_warns_once_per_step_and_never_crashes(tmp_path, caplog):
+    policy = Retention(keep_last=1, keep_best=1, best_metric="val_loss")
+    with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:
+        caplog.set_level(logging.WARNING, logger="asyncckpt")
+        for step in range(1, 7):
+            metrics = {"val_loss": float(step)} if step in (1, 3, 5) else {"loss": 1.0}
+            _save(mgr, step, metrics=metrics, blocking=True)
+        mgr.wait()
+        assert _steps(mgr) == [1, 5, 6]
+    warned = [r for r in caplog.records if "val_loss" in r.getMessage()]
+    assert [r.getMessage().split(" ")[0] for r in warned] == ["step=2", "step=4", "step=6"]
+    assert all(r.levelno == logging.WARNING for r in warned)
+
+
+def test_explicit_prune_dry_run_and_other_policy(tmp_path, caplog):
+    with CheckpointManager(tmp_path / "ckpt") as mgr:  # no retention: keeps everything
+        for step in range(1, 6):
+            _save(mgr, step, metrics={"loss": float(step)} if step > 1 else {}, blocking=True)
+        assert _steps(mgr) == [1, 2, 3, 4, 5]
+        with pytest.raises(ConfigError, match="needs a Retention"):
+            mgr.prune()
+        policy = Retention(keep_last=1, keep_best=1, best_metric="loss")
+        caplog.set_level(logging.WARNING, logger="asyncckpt")
+        assert mgr.prune(policy, dry_run=True) == [1, 3]
+        assert _steps(mgr) == [1, 2, 3, 4, 5]
+        assert mgr.prune(policy) == [1, 3]
+        assert _steps(mgr) == [2, 4, 5] and _on_disk(tmp_path / "ckpt") == [2, 4, 5]
+    assert sum("lack a finite value" in r.getMessage() for r in caplog.records) == 2  # one a call
+
+
+@pytest.mark.parametrize("field, value", [("keep_last", -1), ("keep_last", 0), ("keep_best", -2),
+                                          ("best_mode", "median"), ("keep_every_n_steps", -5)])
+def test_bad_retention_values_name_field_and_value(tmp_path, field, value):
+    kwargs = {"keep_last": 2, "best_metric": "loss", field: value}
+    with pytest.raises(ConfigError, match=rf"{field}={value!r} is not valid"):
+        CheckpointManager(tmp_path / "ckpt", retention=Retention(**kwargs))
+
+
+# -- restoring the best ---------------------------------------------------------------------
+
+def _params(model: nn.Module) -> float:
+    return float(next(model.parameters()).detach().flatten()[0])
+
+
+def test_restore_best_by_primary_metric_and_by_another(tmp_path):
+    policy = Retention(keep_last=2, keep_best=1, best_metric=["loss", "acc"], best_mode={"acc": "max"})
+    with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:
+        for step in range(1, 11):
+            _save(mgr, step, metrics={"loss": LOSS[step], "acc": ACC[step]})
+        mgr.wait()
+        state = _state(0)
+        assert mgr.restore(state, "best") == 4 and _params(state.models["model"]) == 4.0
+        assert mgr.restore(state, "best:acc") == 5 and _params(state.models["model"]) == 5.0
+        assert mgr.restore(state, "best:loss") == 4
+        with pytest.raises(CheckpointNotFoundError, match="'f1'"):
+            mgr.restore(state, "best:f1")
+
+
+def test_restore_best_needs_a_metric(tmp_path):
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        _save(mgr, 1, metrics={"loss": 1.0}, blocking=True)
+        with pytest.raises(ConfigError, match="best_metric"):
+            mgr.restore(_state(), "best")
+        assert mgr.restore(_state(), "best:loss") == 1  # by name, without a retention
+
+
+# -- garbage collection and crash safety ---------------------------------------------------------
+
+def test_next_start_removes_half_deleted_folders_and_unfinished_releases(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    with CheckpointManager(root) as mgr:
+        for step in (1, 2, 3):
+            _save(mgr, step, blocking=True)
+    (root / "step-0000000001" / MANIFEST_NAME).unlink()  # a prune cut short after the manifest
+    (root / "releases" / "v2.0.0").mkdir(parents=True)
+    (root / "releases" / "v2.0.0" / "model.safetensors").write_bytes(b"partial")
+    assert [m.step for m in list_committed(Storage(root))] == [2, 3]  # never listed half-deleted
+    caplog.set_level(logging.WARNING, logger="asyncckpt")
+    with CheckpointManager(root) as mgr:
+        assert _steps(mgr) == [2, 3] and mgr.releases() == []
+    assert _on_disk(root) == [2, 3] and not (root / "releases" / "v2.0.0").exists()
+    assert sum("never committed" in r.getMessage() for r in caplog.records) == 2
+
+
+KILL_AT = [2, 4, 7]
+"""Kill before the n-th deletion: 2 step 1's manifest gone; 4 and two of its files too;
+7 step 1 gone and step 2's manifest.  Each checkpoint takes 5 deletions (manifest,
+.metadata, two shards, the folder)."""
+
+
+def _drive(proc: subprocess.Popen, root: Path, kill_at: int) -> list[str]:
+    """Answer the child's deletions; SIGKILL it before the ``kill_at``-th one in a step folder."""
+    seen: list[str] = []
+    assert proc.stdin is not None and proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == "done":
+            break
+        if not line.startswith("rm "):
+            continue
+        path = line[3:].strip()
+        if "/step-" in path:
+            if not seen:  # the first deletion comes only after the newest save committed
+                assert (root / "step-0000000006" / MANIFEST_NAME).exists()
+            seen.append(path)
+            if len(seen) == kill_at:
+                proc.kill()
+                break
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    proc.wait()
+    return seen
+
+
+def test_kill_in_the_middle_of_pruning_leaves_only_restorable_checkpoints(tmp_path):
+    base = tmp_path / "base"
+    with CheckpointManager(base) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, TrainState(model=weights_at(step)), blocking=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    roots, procs = [], []
+    for k in KILL_AT:
+        root = tmp_path / f"kill{k}"
+        shutil.copytree(base, root)
+        roots.append(root)
+        with open(tmp_path / f"kill{k}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(CHILD), str(root), "6"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=err, text=True, env=env))
+    watchdog = threading.Timer(120, lambda: [p.kill() for p in procs])  # hard deadline
+    watchdog.start()
+    try:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            results = list(pool.map(_drive, procs, roots, KILL_AT))
+    finally:
+        watchdog.cancel()
+        for p in procs:
+            p.kill()
+            p.wait()
+            for pipe in (p.stdin, p.stdout):
+                pipe.close()
+    for k, root, seen in zip(KILL_AT, roots, results):
+        err = (tmp_path / f"kill{k}.err").read_text()[-2000:]
+        assert len(seen) == k, f"child for kill point {k} ended early:\n{err}"
+        _check_after_crash(root, k)
+
+
+def _check_after_crash(root: Path, kill_at: int) -> None:
+    storage = Storage(root)
+    listed = [m.step for m in list_committed(storage)]
+    gone = (kill_at - 1) // 5  # checkpoints whose manifest and files are all deleted
+    half = (kill_at - 1) % 5 > 0  # one more with its manifest deleted
+    assert listed == list(range(1 + gone + half, 7)), kill_at
+    for m in list_committed(storage):  # every listed checkpoint is whole...
+        assert verify_files(storage.child(f"step-{m.step:010d}"), m) == []
+    with CheckpointManager(root) as mgr:  # ...and restores; the next start removes leftovers
+        assert _steps(mgr) == listed
+        assert _on_disk(root) == listed
+        for step in listed:
+            state = _state(0)
+            assert mgr.restore(state, step) == step
+            assert _params(state.models["model"]) == float(step)

@@ -1,0 +1,106 @@
+"""``asyncckpt schedule CONFIG.yaml``: plan checkpoints from a training config and write them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from asyncckpt.cli import main
+from asyncckpt.schedule import plan_checkpoints
+
+CONFIG = """\
+# a run of 10 epochs
+training:
+  epochs: 10
+  steps_per_epoch: 1000
+  dataset_tokens: 30000000   # large: 100 checkpoints by default
+  min_checkpoint_interval: 100
+  lr: 3.0e-4
+checkpoint:
+  root: runs/exp1/ckpt
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def _schedule(path: Path) -> list[int]:
+    return yaml.safe_load(path.read_text())["training"]["checkpoint_schedule"]
+
+
+def test_schedule_in_place(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedule", str(config), "--targets", "small:10,medium:20,large:30,xlarge:40"]) == 0
+    out = capsys.readouterr().out
+    expected = plan_checkpoints(10_000, 1000, dataset_tokens=30_000_000, targets={"large": 30})
+    assert len(expected) == 30
+    assert _schedule(config) == expected
+    assert "target: 30 (large dataset)" in out and "plan: 30 checkpoints" in out
+    assert f"wrote training.checkpoint_schedule (30 steps) to {config}" in out
+    text = config.read_text()
+    assert text.startswith(CONFIG.split("checkpoint:")[0])  # comments and the rest kept
+    assert text.endswith("checkpoint:\n  root: runs/exp1/ckpt\n")
+    # running again replaces the plan instead of adding a second one
+    assert main(["schedule", str(config), "--min-interval", "2000", "--no-log-steps"]) == 0
+    assert _schedule(config) == plan_checkpoints(10_000, 1000, dataset_tokens=30_000_000,
+                                                 min_interval=2000, log_steps_first_epoch=False)
+    assert config.read_text().count("checkpoint_schedule") == 1
+
+
+def test_schedule_with_output_leaves_the_config_alone(config: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "planned.yaml"
+    assert main(["schedule", str(config), "--output", str(out_path)]) == 0
+    assert config.read_text() == CONFIG
+    plan = _schedule(out_path)
+    assert plan == plan_checkpoints(10_000, 1000, dataset_tokens=30_000_000)
+    assert "short of the target" in capsys.readouterr().out  # 100 wanted, min interval allows fewer
+    assert yaml.safe_load(out_path.read_text())["checkpoint"] == {"root": "runs/exp1/ckpt"}
+
+
+def test_schedule_dry_run_writes_nothing(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedule", str(config), "--dry-run"]) == 0
+    assert config.read_text() == CONFIG
+    assert "plan: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "quoted"),
+    [
+        (["missing.yaml"], "config file '{tmp}/missing.yaml' not found"),
+        (["{cfg}", "--targets", "large=30"], "targets='large=30' is not valid: 'large=30' is not category:count"),
+        (["{cfg}", "--targets", "huge:30"], "'huge:30' is not category:count"),
+        (["{cfg}", "--min-interval", "0"], "min_interval=0 is not valid"),
+        (["{bad}"], "bad.yaml is not valid YAML at line 2"),
+        (["{empty}"], "empty.yaml: training.total_steps is missing"),
+    ],
+)
+def test_schedule_errors(args: list[str], quoted: str, config: Path, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.yaml").write_text("training: [1,\n")
+    (tmp_path / "empty.yaml").write_text("checkpoint: {root: r}\n")
+    names = {"cfg": str(config), "bad": str(tmp_path / "bad.yaml"), "empty": str(tmp_path / "empty.yaml"),
+             "tmp": str(tmp_path)}
+    argv = [a.format(**names) if "{" in a else str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    assert main(["schedule", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asyncckpt schedule: error: ") and quoted.format(**names) in err
+    assert config.read_text() == CONFIG  # nothing written
+
+
+def test_schedule_as_a_subprocess(config: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(config), "--targets", "large:25"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "plan: 25 checkpoints" in out.stdout
+    assert _schedule(config) == plan_checkpoints(10_000, 1000, dataset_tokens=30_000_000, targets={"large": 25})
+    bad = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(config), "--targets", "x"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "targets='x' is not valid" in bad.stderr

@@ -1,0 +1,233 @@
+"""The Storage contract, one suite run on a local path, file:// and memory://.
+
+Also the pure helpers (``redact``, ``is_transient``, ``Retry``) and what a
+failing write leaves behind on a real faulty filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import uuid
+
+import fsspec
+import pytest
+
+from asyncckpt.errors import CheckpointExistsError, ConfigError, StorageError
+from asyncckpt.storage import Retry, Storage, is_transient, redact
+
+
+@pytest.fixture(params=["path", "file-url", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path):
+    if request.param == "path":
+        yield Storage(tmp_path / "root")
+    elif request.param == "file-url":
+        yield Storage(f"file://{tmp_path}/root")
+    else:
+        name = f"asyncckpt-test-{uuid.uuid4().hex}"
+        yield Storage(f"memory://{name}/root")
+        memory = fsspec.filesystem("memory")
+        if memory.exists(f"/{name}"):
+            memory.rm(f"/{name}", recursive=True)
+
+
+def _write(storage: Storage, rel: str, data: bytes) -> None:
+    with storage.open_write(rel) as f:
+        f.write(data)
+
+
+def test_kind_of_filesystem_is_detected(storage, request):
+    assert storage.is_local == (request.node.callspec.params["storage"] != "memory")
+    assert not storage.is_object_store
+
+
+def test_open_write_then_read_back(storage):
+    storage.makedirs()
+    _write(storage, "a.bin", b"hello " * 1000)
+    assert storage.exists("a.bin")
+    assert storage.read_bytes("a.bin") == b"hello " * 1000
+    with storage.open_read("a.bin") as f:
+        assert f.read(5) == b"hello"
+    assert storage.list_files() == {"a.bin": 6000}
+
+
+def test_failing_write_leaves_no_file(storage):
+    storage.makedirs()
+    with pytest.raises(OSError):
+        with storage.open_write("partial.bin") as f:
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "disk full")
+    assert not storage.exists("partial.bin")
+    assert storage.list_files() == {}
+
+
+def test_put_atomic_creates_once(storage):
+    storage.makedirs("step")
+    storage.put_atomic("step/manifest.json", b"first")
+    with pytest.raises(CheckpointExistsError, match="manifest.json"):
+        storage.put_atomic("step/manifest.json", b"second")
+    assert storage.read_bytes("step/manifest.json") == b"first"
+    storage.put_atomic("step/manifest.json", b"third", create_only=False)
+    assert storage.read_bytes("step/manifest.json") == b"third"
+    assert storage.list_files("step") == {"manifest.json": 5}   # no temporary file left
+
+
+def test_list_dirs_and_files(storage):
+    storage.makedirs()
+    for rel in ("a/x.bin", "b/y.bin", "b/deeper/z.bin"):
+        storage.makedirs(rel.rsplit("/", 1)[0])
+        _write(storage, rel, b"12")
+    _write(storage, "top.bin", b"123")
+    assert sorted(storage.list_dirs()) == ["a", "b"]
+    assert storage.list_files() == {"top.bin": 3}
+    assert storage.list_dirs("b") == ["deeper"]
+    assert storage.list_files("b") == {"y.bin": 2}
+    assert storage.list_dirs("missing") == [] and storage.list_files("missing") == {}
+
+
+def test_child_shares_the_filesystem(storage):
+    storage.makedirs("sub")
+    child = storage.child("sub")
+    _write(child, "f.bin", b"c")
+    assert child.url == storage.url_of("sub")
+    assert storage.read_bytes("sub/f.bin") == b"c"
+    assert storage.list_dirs() == ["sub"]
+
+
+def test_remove_recursive_and_missing(storage):
+    storage.makedirs("d/e")
+    _write(storage, "d/e/f.bin", b"1")
+    _write(storage, "d/g.bin", b"2")
+    storage.remove("d/g.bin")
+    assert not storage.exists("d/g.bin") and storage.exists("d/e/f.bin")
+    storage.remove("d", recursive=True)
+    assert not storage.exists("d") and storage.list_dirs() == []
+    storage.remove("never-there")                       # missing_ok by default
+    with pytest.raises(StorageError, match="never-there"):
+        storage.remove("never-there", missing_ok=False)
+
+
+def test_read_of_a_missing_file_names_it(storage):
+    storage.makedirs()
+    with pytest.raises(StorageError) as ei:
+        storage.read_bytes("nope.json")
+    assert storage.url_of("nope.json") in str(ei.value)
+    assert isinstance(ei.value, OSError) and ei.value.op == "read"
+
+
+def test_check_writable_leaves_nothing_behind(storage):
+    storage.check_writable()
+    assert storage.list_files() == {}
+    storage.fsync_dir()                                 # a no-op where it does not apply
+
+
+def test_empty_root_is_refused():
+    with pytest.raises(ConfigError, match="root"):
+        Storage("")
+
+
+def test_unknown_protocol_is_a_storage_error():
+    with pytest.raises(StorageError, match="nosuchproto"):
+        Storage("nosuchproto://bucket/x")
+
+
+# -- a real filesystem that fails mid-write ------------------------------------------------
+
+def test_write_that_fails_midway_on_disk_leaves_no_file(tmp_path, faulty_fs):
+    storage = Storage(faulty_fs.url(tmp_path / "root"))
+    assert storage.is_local
+    storage.makedirs()
+    faulty_fs.fail_on_write(2)
+    with pytest.raises(StorageError, match="injected write failure") as ei:
+        with storage.open_write("shard.bin") as f:
+            f.write(b"a" * 10)
+            f.write(b"b" * 10)
+    assert "shard.bin" in str(ei.value)
+    assert not (tmp_path / "root" / "shard.bin").exists()
+    faulty_fs.disarm()
+    _write(storage, "shard.bin", b"ok")
+    assert (tmp_path / "root" / "shard.bin").read_bytes() == b"ok"
+
+
+def test_put_atomic_that_fails_keeps_the_old_file(tmp_path, faulty_fs):
+    storage = Storage(faulty_fs.url(tmp_path / "root"))
+    storage.makedirs()
+    storage.put_atomic("m.json", b"old")
+    faulty_fs.fail_on_write(1)
+    with pytest.raises(StorageError):
+        storage.put_atomic("m.json", b"new", create_only=False)
+    assert storage.read_bytes("m.json") == b"old"
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["m.json"]
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, expected", [
+    ("s3://user:secret@bucket/prefix", "s3://bucket/prefix"),
+    ("https://AKIA123:abc%2Fdef@host.example/path", "https://host.example/path"),
+    ("s3://token@bucket/x", "s3://bucket/x"),
+    ("s3://bucket/user:secret@x", "s3://bucket/user:secret@x"),
+    ("/local/path", "/local/path"),
+    ("memory://root", "memory://root"),
+])
+def test_redact_removes_credentials(url, expected):
+    assert redact(url) == expected
+
+
+def test_storage_url_and_errors_never_carry_credentials():
+    err = StorageError("write", redact("s3://user:secret@bucket/x"), OSError("denied"))
+    assert "secret" not in str(err) and "bucket/x" in str(err)
+
+
+@pytest.mark.parametrize("exc, transient", [
+    (ConnectionResetError("peer"), True),
+    (TimeoutError("slow"), True),
+    (OSError("503 Service Unavailable"), True),
+    (RuntimeError("SlowDown: reduce your request rate"), True),
+    (FileNotFoundError("x"), False),
+    (PermissionError("denied"), False),
+    (OSError(errno.EIO, "injected write failure"), False),
+    (ValueError("bad"), False),
+])
+def test_is_transient(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_retry_retries_transient_errors_only():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    retry = Retry(attempts=5, base_delay_s=0, max_delay_s=0)
+    assert retry.call(flaky, "flaky") == "ok" and len(calls) == 3
+
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        retry.call(broken, "broken")
+    assert len(calls) == 1
+
+
+def test_retry_gives_up_after_its_attempts():
+    calls = []
+
+    def always():
+        calls.append(1)
+        raise TimeoutError("timed out")
+
+    with pytest.raises(TimeoutError):
+        Retry(attempts=3, base_delay_s=0, max_delay_s=0).call(always, "always")
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"base_delay_s": -1}, {"deadline_s": "x"}])
+def test_retry_options_are_checked(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        Retry(**kwargs)
