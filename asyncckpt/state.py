@@ -130,7 +130,7 @@ def current_world_size() -> int:
 
 def reseed_seed(saved: Mapping[str, Any], rank: int) -> int:
     """The seed rank ``rank`` gets from a saved rank-0 RNG state when the world size changed."""
-    data = saved["torch"].numpy().tobytes() + int(rank).to_bytes(8, "little")
+    data = bytes(saved["torch"].tolist()) + int(rank).to_bytes(8, "little")
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
 
 

@@ -183,6 +183,7 @@ def main2(out: dict[str, Any], folder: Path) -> None:
         if rank == 0:
             torch.save(expected_4, folder / "ddp2_step4_expected.pt")
         del h4
+        mgr.wait()  # retention runs on rank 0 after the commit; wait() lines every rank up
         out["listed"] = [i.step for i in mgr.list()]
         out["retention_deletes_logged"] = sum("deleted by retention" in m for m in records.messages)
         # D. "latest": rank 1's listing is stale (sees nothing); rank 0 decides for everyone
