@@ -688,11 +688,15 @@ class CheckpointManager:
         yield
 
     def wait(self) -> None:
-        """Block until every pending save has committed (and been mirrored to the backup);
-        raise a background failure."""
-        self._pipeline.wait()
-        if self._mirror is not None:
-            self._mirror.wait()
+        """Block until every pending save has committed, been pruned and mirrored; raise a
+        background failure.  Distributed: call it on every rank; on return every rank sees
+        the same committed checkpoints (rank 0's retention included)."""
+        try:
+            self._pipeline.wait()
+            if self._mirror is not None:
+                self._mirror.wait()
+        finally:
+            _dist.barrier(self._fg_group)
 
     def close(self) -> None:
         """Wait for pending writes, stop the writer, and raise any background failure."""
