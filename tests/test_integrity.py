@@ -225,6 +225,7 @@ def test_latest_with_every_checkpoint_damaged_raises_naming_each(ckpt: Ckpt) -> 
     assert "step-0000000001" in str(info.value) and STEP2 in str(info.value)
 
 
+@pytest.mark.parametrize("ckpt", ["zstd"], indirect=True)  # plain DCP items have no CRCs
 def test_compressed_items_carry_their_own_crcs_with_verify_off(ckpt: Ckpt) -> None:
     """verify=False skips the file checksums; with compression every item is still checked.
 
@@ -233,8 +234,7 @@ def test_compressed_items_carry_their_own_crcs_with_verify_off(ckpt: Ckpt) -> No
     verify=False its damage is caught only when it breaks the pickle, an item's
     location or a shape.)
     """
-    if ckpt.codec is None:
-        pytest.skip("plain DCP items have no CRCs of their own: verify=False trusts the bytes")
+    assert ckpt.codec == "zstd"
     state = _state(9)
     failures = []
     positions = [p for p in _positions(ckpt.folder) if p[0] != METADATA_NAME]
@@ -260,3 +260,62 @@ def test_undamaged_checkpoint_restores_with_verify_on_and_off(ckpt: Ckpt) -> Non
         live = state.models["model"].state_dict()
         assert all(torch.equal(live[k], v) for k, v in ckpt.step1.items())
         assert state.extra == {"seed": 1}
+
+
+# -- formats: zstd by default, plain DCP with None, the codec of each file in the manifest ------
+
+class _Mixed(nn.Module):
+    """Every dtype and layout the writer meets: grouped by 1, 2, 4 and 8 bytes, and odd shapes."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fp32 = nn.Linear(40, 24)
+        self.bf16 = nn.Linear(24, 8).to(torch.bfloat16)
+        self.fp16 = nn.Parameter(torch.randn(3, 5, dtype=torch.float16))
+        self.fp64 = nn.Parameter(torch.randn(7, dtype=torch.float64))
+        self.register_buffer("c64", torch.randn(4, dtype=torch.complex64))
+        self.register_buffer("i64", torch.randint(-9, 9, (6,)))
+        self.register_buffer("u8", torch.randint(0, 255, (9,), dtype=torch.uint8))
+        self.register_buffer("flags", torch.rand(5) > 0.5)
+        self.register_buffer("empty", torch.empty(0, 3))
+        self.register_buffer("transposed", torch.randn(5, 3).t())  # not contiguous
+        self.register_buffer("scalar", torch.tensor(seed * 1.5))
+
+
+def _mixed_state(seed: int) -> TrainState:
+    model = _Mixed(seed)
+    opt = torch.optim.Adam(model.fp32.parameters())
+    model.fp32(torch.randn(2, 40)).sum().backward()
+    opt.step()
+    return TrainState(model=model, optimizer=opt,
+                      extra={"seed": seed, "t": torch.arange(seed, seed + 4, dtype=torch.int16)})
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_codec_of_each_file_is_recorded_and_either_format_reads_back(tmp_path: Path,
+                                                                    compression: str | None) -> None:
+    root = tmp_path / "ckpt"
+    saved = _mixed_state(1)
+    kwargs = {} if compression == "zstd" else {"compression": None}  # zstd is the default
+    with CheckpointManager(root, **kwargs) as mgr:
+        assert mgr.options.compression == compression
+        mgr.save(1, saved, blocking=True)
+    manifest = json.loads((root / "step-0000000001" / MANIFEST_NAME).read_text())
+    assert manifest["codec"] == compression
+    codecs = {f["path"]: f["codec"] for f in manifest["files"]}
+    assert codecs.pop(METADATA_NAME) is None
+    assert codecs and set(codecs.values()) == {compression}
+    loaded = _mixed_state(2)
+    other = {"compression": None} if compression else {}  # the reader follows the manifest
+    with CheckpointManager(root, **other) as mgr:
+        assert mgr.restore(loaded, 1) == 1
+    want, got = saved.models["model"].state_dict(), loaded.models["model"].state_dict()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    want_opt = saved.optimizers["optimizer"].state_dict()["state"]
+    got_opt = loaded.optimizers["optimizer"].state_dict()["state"]
+    for i, st in want_opt.items():
+        for k, v in st.items():
+            assert torch.equal(got_opt[i][k], v), (i, k)
+    assert loaded.extra["seed"] == 1 and torch.equal(loaded.extra["t"], saved.extra["t"])

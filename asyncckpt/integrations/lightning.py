@@ -5,7 +5,7 @@ Two ways in, pick one per run:
 ``AsyncCkptIO`` keeps Lightning's ``ModelCheckpoint`` (its file names, top-k, ``last``),
 and changes how each checkpoint is written::
 
-    trainer = Trainer(plugins=[AsyncCkptIO()], callbacks=[ModelCheckpoint(dirpath="s3://b/run")])
+    trainer = Trainer(plugins=[AsyncCkptIO()], callbacks=[ModelCheckpoint(dirpath="runs/exp1")])
     trainer.fit(model, ckpt_path="last")
 
 Each checkpoint "file" becomes a folder at the same path (any fsspec URL): every tensor
