@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,7 +119,7 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        return json.dumps(seal(self.to_dict()), indent=1, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "<manifest>") -> "Manifest":
@@ -137,7 +138,23 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)
 
 
-_REQUIRED = ("format_version", "step", "time", "world_size", "files")
+_REQUIRED = ("format_version", "step", "time", "world_size", "files", "manifest_checksum")
+CHECKSUM_KEY = "manifest_checksum"
+
+
+def content_checksum(raw: Mapping[str, Any]) -> str:
+    """CRC-32 of a manifest's canonical JSON without its own checksum key."""
+    body = {k: v for k, v in raw.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return f"crc32:{zlib.crc32(text.encode()):08x}"
+
+
+def seal(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``manifest_checksum`` (re)computed, last; a flipped bit anywhere in a
+    manifest (a metric, the time, a file's size) then fails to parse instead of misleading."""
+    body = {k: v for k, v in raw.items() if k != CHECKSUM_KEY}
+    body[CHECKSUM_KEY] = content_checksum(body)
+    return body
 
 
 def _parse(raw: dict[str, Any], source: str) -> Manifest:
@@ -151,6 +168,13 @@ def _parse(raw: dict[str, Any], source: str) -> Manifest:
         raise CorruptCheckpointError(
             source, f"format_version <= {FORMAT_VERSION}", version,
             "written by a newer asyncckpt; upgrade to read it")
+    try:
+        actual = content_checksum(raw)
+    except (TypeError, ValueError) as e:
+        raise CorruptCheckpointError(source, "JSON values", "unserialisable content", str(e)) from e
+    if raw[CHECKSUM_KEY] != actual:
+        raise CorruptCheckpointError(source, raw[CHECKSUM_KEY], actual,
+                                     "manifest content does not match its checksum")
     try:
         files = tuple(_parse_file(f) for f in raw["files"])
         return Manifest(

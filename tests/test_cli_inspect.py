@@ -110,7 +110,7 @@ def test_inspect_and_diff_never_unpickle_code(tmp_path, capsys, monkeypatch):
 
     def evil_blob(obj: object) -> io.BytesIO:
         if isinstance(obj, dict) and "n" in obj:  # the extra blob
-            return io.BytesIO(pickle.dumps({"n": obj["n"], "x": _Boom()}))
+            return io.BytesIO(pickle.dumps({"n": obj["n"], "x": _Boom()}, protocol=2))
         return real(obj)
 
     monkeypatch.setattr(state_mod, "to_blob", evil_blob)

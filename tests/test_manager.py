@@ -23,6 +23,7 @@ from asyncckpt.errors import (
     StateMismatchError,
     StorageError,
 )
+from asyncckpt.manifest import seal
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -461,7 +462,7 @@ def _set_format_version(tmp_path, step: int, version: int) -> None:
     path = tmp_path / "ckpt" / f"step-{step:010d}" / "manifest.json"
     raw = json.loads(path.read_text())
     raw["format_version"] = version
-    path.write_text(json.dumps(raw))
+    path.write_text(json.dumps(seal(raw)))
 
 
 def test_newer_format_version_is_skipped_for_latest(tmp_path, caplog):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from asyncckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from asyncckpt.manifest import (
+    seal,
     FORMAT_VERSION,
     CheckpointInfo,
     FileEntry,
@@ -127,7 +128,7 @@ def _raw(**changes) -> str:
             raw.pop(k)
         else:
             raw[k] = v
-    return json.dumps(raw)
+    return json.dumps(seal(raw))  # consistent checksum: the field check under test is what fails
 
 
 _DROP = object()
@@ -173,8 +174,8 @@ def test_newer_format_version_says_to_upgrade():
 
 def test_unknown_keys_are_ignored():
     raw = json.loads(_raw())
-    raw["added_later"] = {"x": 1}
-    assert Manifest.from_json(json.dumps(raw)).step == 7
+    raw["added_later"] = {"x": 1}  # written (and sealed) by a later writer of the same format
+    assert Manifest.from_json(json.dumps(seal(raw))).step == 7
 
 
 # -- selection --------------------------------------------------------------------------------
@@ -214,3 +215,35 @@ def test_select_refuses_bad_steps(which):
 def test_not_found_lists_at_most_twenty_steps():
     err = CheckpointNotFoundError("at step 0", "root", range(1, 31))
     assert "20 (+10 more)" in str(err) and "21" not in str(err)
+
+
+def test_every_flipped_bit_of_a_manifest_is_detected() -> None:
+    """A manifest checks its own content: no single-bit flip parses as a different manifest."""
+    m = Manifest(step=7, epoch=1, time="2026-01-01T00:00:00.000Z", metrics={"val_loss": 0.25},
+                 tags=("epoch_end",), world_size=2, param_count=1234, codec="zstd",
+                 files=(FileEntry(path="__0_0.distcp", size=100, checksum="crc32:0000abcd", rank=0),))
+    data = m.to_json().encode()
+    undetected = []
+    for i in range(len(data)):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[i] ^= 1 << bit
+            try:
+                parsed = Manifest.from_json(bytes(flipped), "m.json")
+            except CorruptCheckpointError:
+                continue
+            if parsed != m:
+                undetected.append((i, bit))
+    assert undetected == []
+
+
+def test_sealed_raw_manifest_round_trips() -> None:
+    import json
+
+    from asyncckpt.manifest import seal
+
+    raw = json.loads(Manifest(step=3, time="t").to_json())
+    raw["metrics"] = {"acc": 0.5}
+    assert Manifest.from_json(json.dumps(seal(raw))).metrics == {"acc": 0.5}
+    with pytest.raises(CorruptCheckpointError, match="does not match its checksum"):
+        Manifest.from_json(json.dumps(raw))

@@ -33,7 +33,7 @@ from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.codec import CodecOptions, checksum_bytes, encode_bytes
 from asyncckpt.dcp_io import METADATA_NAME, load_metadata
 from asyncckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
-from asyncckpt.manifest import MANIFEST_NAME
+from asyncckpt.manifest import MANIFEST_NAME, seal
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -108,7 +108,7 @@ def _rewrite(folder: Path, name: str, data: bytes) -> None:
     manifest = json.loads(manifest_path.read_text())
     (entry,) = [f for f in manifest["files"] if f["path"] == name]
     entry.update(size=len(data), checksum=checksum_bytes(data))
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    manifest_path.write_text(json.dumps(seal(manifest), indent=1))
 
 
 def _replace_item(folder: Path, fqn: str, blob: bytes) -> str:
