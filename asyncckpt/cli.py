@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import AsyncCkptError, ConfigError, CorruptCheckpointError
+from .errors import AsyncCkptError, ConfigError, CorruptCheckpointError, LeaseError
+from .lease import live_holder
 from .manifest import MANIFEST_NAME, CheckpointInfo, parse_step_dir, select, step_dir_name
 from .retention import Retention
 from .storage import Storage, delete_checkpoint, list_committed, read_manifest, verify_files
@@ -126,6 +127,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     policy = Retention(keep_last=args.keep_last, keep_best=args.keep_best, best_metric=args.metric,
                        best_mode=args.mode, keep_every_n_steps=args.keep_every,
                        keep_epoch_ends=args.keep_epoch_ends)
+    if not args.dry_run and not args.ignore_lease and (holder := live_holder(storage)) is not None:
+        raise LeaseError(f"{storage.url} is being written by a running job ({holder.describe()}); "
+                         "its manager prunes by its own retention. Pass --ignore-lease to prune anyway")
     plan = policy.plan(with_release_tags(storage, list_committed(storage)))
     if plan.missing_metric:
         steps = sorted({s for s, _ in plan.missing_metric})
@@ -436,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep every checkpoint whose step is a multiple of N")
     sp.add_argument("--keep-epoch-ends", action="store_true", help="keep checkpoints tagged epoch_end")
     sp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    sp.add_argument("--ignore-lease", action="store_true",
+                    help="prune even while a running job holds the root's lease (.lease.json)")
     sp.set_defaults(func=cmd_prune)
     sp = sub.add_parser("export", help="write one checkpoint's model weights (no optimizer) "
                         "to a single file")

@@ -107,6 +107,14 @@ class ManagerOptions:
     on_failure: Callable[[int, BaseException], None] | None = None
     """Called with ``(step, error)`` when a background save fails, on the writer thread of
     rank 0 before the error is kept for the next call; an exception it raises is logged."""
+    lease: bool = True
+    """Hold ``<root>/.lease.json`` (rank 0) while open, so a second job writing the same root
+    fails at once with ``LeaseError`` naming the first.  False: take no lease (a reader; if
+    another writer holds the root, this manager only lists and restores)."""
+    lease_heartbeat_s: float = 10.0
+    """Seconds between refreshes of the lease."""
+    lease_timeout_s: float = 60.0
+    """A lease not refreshed for this long is stale: another manager may take it over."""
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -145,6 +153,15 @@ class ManagerOptions:
                 or not self.initial_include or not all(isinstance(p, str) and p for p in self.initial_include):
             raise ConfigError.field("initial_include", self.initial_include,
                                     'a non-empty list of parts, e.g. ["model"]')
+        if not isinstance(self.lease, bool):
+            raise ConfigError.field("lease", self.lease, "True or False")
+        for name in ("lease_heartbeat_s", "lease_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError.field(name, v, "a finite number of seconds > 0")
+        if self.lease_timeout_s <= self.lease_heartbeat_s:
+            raise ConfigError.field("lease_timeout_s", self.lease_timeout_s,
+                                    f"more than lease_heartbeat_s={self.lease_heartbeat_s!r}")
         for name in ("on_commit", "on_failure"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise ConfigError.field(name, getattr(self, name), "a callable or None")

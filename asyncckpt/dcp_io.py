@@ -299,6 +299,11 @@ class CheckpointReader(StorageReader):
         super().__init__()
         self.storage = storage
         self.files = dict(files or {})
+        for entry in self.files.values():  # before anything is read into the live state
+            if entry.codec not in (None, CODEC_NAME):
+                raise CorruptCheckpointError(storage.url_of(entry.path), f"codec None or {CODEC_NAME!r}",
+                                             repr(entry.codec), "unknown codec: written by a newer "
+                                             "asyncckpt? upgrade to read it")
         self.verify = verify
         self.threads = max(1, threads)
         self.metadata: dcp_metadata.Metadata | None = None

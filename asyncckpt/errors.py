@@ -102,6 +102,7 @@ class StorageError(AsyncCkptError, OSError):
         self.cause = cause
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
         super().__init__(f"{op} {url} failed: {reason}")
+        self.errno = getattr(cause, "errno", None)  # e.g. ENOSPC: callers can tell a full disk
 
 
 class SaveError(AsyncCkptError):
@@ -115,3 +116,8 @@ class SaveError(AsyncCkptError):
             for r, e in sorted(self.failures.items())
         )
         super().__init__(f"save of step {step} failed ({parts})")
+
+
+class LeaseError(AsyncCkptError):
+    """Another writer holds the checkpoint root (the message names it: host, pid, since),
+    or this manager lost its lease and must not commit or delete any more."""

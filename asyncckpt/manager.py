@@ -47,8 +47,9 @@ from .staging import Stager
 from .state import TrainState, storage_ptr
 from .mirror import Mirror, with_backup
 from .multipart import Upload
+from .lease import WriteGuard
 from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, list_committed,
-                      read_manifest, uncommitted_steps, verify_files)
+                      read_manifest, remove_temporary_files, uncommitted_steps, verify_files)
 from .release import (Provenance, ReleaseInfo, ReleaseOptions, checkpoint_weights, is_release,
                       list_releases, release_weights, remove_unfinished_releases, state_weights,
                       with_release_tags, write_release)
@@ -135,9 +136,21 @@ class CheckpointManager:
         self._stager = Stager(mode=self.options.staging, budget_bytes=self.options.pinned_memory_budget,
                               pageable_sets=self.options.max_pending)
         self._host, self._device, self._git = socket.gethostname(), _device_name(), _git_commit()
+        self._initial = (_restore.select_parts(self.options.initial_include)
+                         if self.options.initial_from is not None else None)
+        self._guard = WriteGuard(self.storage, take=self.options.lease and self.rank == 0,
+                                 heartbeat_s=self.options.lease_heartbeat_s,
+                                 timeout_s=self.options.lease_timeout_s)
+        failure: BaseException | None = None
         if self.rank == 0:
-            self._prepare_root()
-        _dist.barrier(self._fg_group)
+            try:
+                self._prepare_root()
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it (no hang)
+                failure = e
+        failure = _dist.broadcast_object(failure, self._fg_group)
+        if failure is not None:
+            self._guard.close()
+            raise failure
         codec = CodecOptions(level=self.options.zstd_level) if self.options.compression else None
         self._mirror = (Mirror(self.storage, self.backup_storage,
                                self.options.backup_retention or self.retention,
@@ -147,10 +160,9 @@ class CheckpointManager:
                                   max_pending=self.options.max_pending,
                                   writer_threads=self.options.writer_threads,
                                   on_error=self.options.on_error,
+                                  guard=self._guard.check if self.rank == 0 else None,
                                   after_commit=self._after_commit if self.rank == 0 else None,
                                   on_failure=self.options.on_failure if self.rank == 0 else None)
-        self._initial = (_restore.select_parts(self.options.initial_include)
-                         if self.options.initial_from is not None else None)
         self.last_restore_report: _restore.RestoreReport | None = None
         """What the last ``restore()`` loaded, and the keys it found missing or unexpected."""
         self._closed = False
@@ -182,12 +194,15 @@ class CheckpointManager:
             self.storage.check_writable()
         except StorageError as e:
             raise StorageError("create or write checkpoint root", self.root, e.cause) from e
+        if not self._guard.open():  # the lease before any cleanup: cleaning up is a write
+            return
         for step in uncommitted_steps(self.storage):
             name = step_dir_name(step)
             log.warning("removing %s: a save that never committed", self.storage.url_of(name))
             self.storage.remove(name, recursive=True)
         abort_unfinished_saves(self.storage)
         remove_unfinished_releases(self.storage)
+        remove_temporary_files(self.storage)
 
     @property
     def retention(self) -> Retention | None:
@@ -206,6 +221,8 @@ class CheckpointManager:
         self._pipeline.raise_pending()
         if self._mirror is not None:
             self._mirror.raise_pending()
+        if self.world_size == 1:
+            self._guard.check()  # distributed: the writer checks on rank 0 before it writes
         check_step(step)
         if not isinstance(state, TrainState):
             raise ConfigError.field("state", type(state).__name__, "a TrainState")
@@ -242,7 +259,11 @@ class CheckpointManager:
         log.debug("step=%d rank=%d: staged %d bytes in %.3fs", step, self.rank,
                   staged.bytes_staged, handle.stall_s)
         if blocking:
-            handle.result()
+            try:
+                handle.result()
+            except BaseException as e:
+                self._pipeline.forget(e)  # raised here: the next call must not raise it again
+                raise
         return handle
 
     def _refuse_existing(self, step: int) -> None:
@@ -389,6 +410,8 @@ class CheckpointManager:
         """Plan over the committed checkpoints (releases' sources tagged ``release:<v>``), delete."""
         plan = policy.plan(with_release_tags(self.storage, list_committed(self.storage)))
         if not dry_run and self.rank == 0:
+            if plan.delete:
+                self._guard.check()
             for step in plan.delete:
                 delete_checkpoint(self.storage, step)  # manifest first: never listed half-deleted
                 log.info("step=%d rank=%d: deleted by retention", step, self.rank)
@@ -473,6 +496,7 @@ class CheckpointManager:
 
     def _write_release(self, source: int | str | TrainState, opts: ReleaseOptions, tensors: Any, *,
                        step: int | None, metrics: Mapping[str, Any] | None) -> ReleaseInfo:
+        self._guard.check()
         if isinstance(source, TrainState):
             origin = Provenance(step=None if step is None else check_step(step),
                                 metrics=_check_metrics(metrics), git_commit=self._git,
@@ -714,6 +738,7 @@ class CheckpointManager:
         try:
             self._close_writers()
         finally:
+            self._guard.close()
             if signals is not None:
                 signals.uninstall()
 

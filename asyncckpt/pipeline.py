@@ -14,6 +14,7 @@ raises it on its next ``save()``/``wait()``/``close()``, unless
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -108,9 +109,20 @@ class SaveJob:
     on_commit: list[Callable[[Manifest], None]] = field(default_factory=list)
     plan: RankPlan | None = None
     """The save plan ``staged`` was selected by (this rank's items only); None: the whole state."""
+    cleared: bool = False
+    """Rank 0 made the step folder this save's own: on failure, what it left is removed."""
 
 
 _STOP = object()
+
+
+def codec_workers(writer_threads: int) -> int:
+    """Compression threads for one rank: its share of the machine's cores (ranks on one node
+    split them; LOCAL_WORLD_SIZE is set by torchrun), at least ``writer_threads``, at most 16.
+    zstd releases the GIL, so these run in parallel with training's Python thread."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = (os.cpu_count() or 1) // local_ranks
+    return max(writer_threads, min(16, share - 1))
 
 
 class Pipeline:
@@ -120,8 +132,12 @@ class Pipeline:
                  rank: int, max_pending: int = 2, writer_threads: int = 2,
                  on_error: str = "raise",
                  after_commit: Callable[[Manifest], None] | None = None,
-                 on_failure: Callable[[int, BaseException], None] | None = None) -> None:
+                 on_failure: Callable[[int, BaseException], None] | None = None,
+                 guard: Callable[[], None] | None = None) -> None:
         self.storage = storage
+        self.guard = guard
+        """Rank 0 calls it before clearing a step folder and before committing; it raises
+        (``LeaseError``) when this writer may not write the root."""
         self.on_failure = on_failure
         self.codec = codec
         self.group = group
@@ -135,8 +151,9 @@ class Pipeline:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._codec_pool = (ThreadPoolExecutor(writer_threads, thread_name_prefix="asyncckpt-zstd")
-                            if codec is not None and writer_threads > 1 else None)
+        workers = codec_workers(writer_threads)
+        self._codec_pool = (ThreadPoolExecutor(workers, thread_name_prefix="asyncckpt-zstd")
+                            if codec is not None and workers > 1 else None)
         self._closed = False
 
     # -- called from the training thread ------------------------------------------
@@ -173,6 +190,12 @@ class Pipeline:
             err, self._error = self._error, None
         if err is not None and self.on_error == "raise":
             raise err
+
+    def forget(self, err: BaseException) -> None:
+        """Drop ``err`` from the latch: the caller got it another way (a blocking save)."""
+        with self._lock:
+            if self._error is err:
+                self._error = None
 
     def wait(self) -> None:
         """Block until every submitted save is written, committed and post-processed."""
@@ -222,6 +245,8 @@ class Pipeline:
                     self.on_failure(step, err)
                 except Exception as cb_err:  # noqa: BLE001 - a callback never breaks a save
                     log.error("step=%d rank=%d: on_failure callback raised: %r", step, self.rank, cb_err)
+            if job.cleared:
+                self._discard_uncommitted(step)
             self._latch(err)
             job.handle._finish(None, err)
             return
@@ -230,6 +255,17 @@ class Pipeline:
                  manifest.total_bytes, time.monotonic() - started)
         job.handle._finish(info, None)
         self._post_commit(manifest, job)
+
+    def _discard_uncommitted(self, step: int) -> None:
+        """Remove what a failed save wrote (it would hold disk space until the next start);
+        every rank is past the write when the failure reaches rank 0's writer."""
+        folder = self.storage.child(step_dir_name(step))
+        try:
+            if not folder.exists(MANIFEST_NAME):
+                folder.remove("", recursive=True)
+        except Exception as e:  # noqa: BLE001 - the next start removes it anyway
+            log.warning("step=%d rank=%d: could not remove the failed save's files at %s: %s",
+                        step, self.rank, folder.url, e)
 
     def _post_commit(self, manifest: Manifest, job: SaveJob) -> None:
         hooks = ([self.after_commit] if self.after_commit else []) + job.on_commit
@@ -267,6 +303,8 @@ class Pipeline:
         outcome: str | None = None
         if self.rank == 0:
             try:
+                if self.guard is not None:
+                    self.guard()
                 folder.put_atomic(MANIFEST_NAME, manifest.to_json().encode(), create_only=True)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it
                 outcome = f"{type(e).__name__}: {e}"
@@ -277,7 +315,10 @@ class Pipeline:
 
     def _prepare(self, job: SaveJob, folder: Storage) -> None:
         if self.rank == 0:
+            if self.guard is not None:
+                self.guard()
             self._clear_folder(folder, job.overwrite)
+            job.cleared = True
         job.staged.wait_ready()
 
     def _agree(self, step: int, work: Callable[[], None]) -> None:

@@ -25,6 +25,7 @@ and jitter by ``Retry``, bounded in attempts and in time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -51,6 +52,7 @@ _USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
 _TRANSIENT_WORDS = ("slowdown", "throttl", "timeout", "timed out", "reset", "temporar",
                     "503", "500", "502", "504", "internalerror", "serviceunavailable",
                     "connection", "requesttimeout", "too many requests", "429")
+_TRANSIENT_ERRNOS = {e for e in (getattr(errno, "EREMOTEIO", None), errno.EBUSY) if e is not None}
 _CREDENTIAL_NAME = re.compile(r"secret|token|passw|credential|access_key|key_id|account_key"
                               r"|connection_string|(^|_)key$|^username$", re.IGNORECASE)
 
@@ -82,6 +84,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True  # s3fs: 500 InternalError is EREMOTEIO, 503 SlowDown and 409 are EBUSY
     text = f"{type(exc).__name__} {exc}".lower()
     return any(w in text for w in _TRANSIENT_WORDS)
 
@@ -250,8 +254,26 @@ class Storage:
             tmp = f"{rel}.tmp-{uuid.uuid4().hex[:12]}"
             with self.open_write(tmp) as f:
                 f.write(data)
-            os.replace(self.path(tmp), self.path(rel))
+            if create_only:
+                self._link_new(tmp, rel)
+            else:
+                os.replace(self.path(tmp), self.path(rel))
             self.fsync_dir(rel.rsplit("/", 1)[0] if "/" in rel else "")
+
+    def _link_new(self, tmp: str, rel: str) -> None:
+        """Publish ``tmp`` at ``rel`` only if nothing is there: a hard link is create-only and
+        atomic (two writers racing: one wins).  Where links are not supported, a rename."""
+        try:
+            os.link(self.path(tmp), self.path(rel))
+        except FileExistsError:
+            os.unlink(self.path(tmp))
+            raise CheckpointExistsError(f"{self.url_of(rel)} already exists") from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+            os.replace(self.path(tmp), self.path(rel))
+            return
+        os.unlink(self.path(tmp))
 
     def _put_object(self, rel: str, data: bytes, create_only: bool) -> None:
         path = self.path(rel)
@@ -411,6 +433,19 @@ def abort_unfinished_saves(storage: Storage) -> int:
     Call only while no save is in flight under this root.
     """
     return storage.abort_uploads(step_dir_name(0)[:-10])
+
+
+_TEMPORARY = re.compile(r"\.asyncckpt-probe-[0-9a-f]{12}|.+\.tmp-[0-9a-f]{12}")
+
+
+def remove_temporary_files(storage: Storage) -> list[str]:
+    """Remove the files a killed writer leaves at the root (write probes, temporary files of
+    ``put_atomic``); returns their names.  Call only while no other writer uses the root."""
+    stray = [name for name in storage.list_files() if _TEMPORARY.fullmatch(name)]
+    for name in stray:
+        log.warning("removing %s: left by a writer that was killed", storage.url_of(name))
+        storage.remove(name)
+    return stray
 
 
 def uncommitted_steps(storage: Storage) -> list[int]:

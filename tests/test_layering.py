@@ -15,16 +15,17 @@ LAYER = {
     "errors": 0,
     "retention": 1, "schedule": 1, "manifest": 1, "config": 1,
     "codec": 2, "state": 2, "staging": 2, "planner": 2, "_dist": 2, "signals": 2, "multipart": 2,
-    "storage": 3, "dcp_io": 3,
+    "storage": 3, "dcp_io": 3, "lease": 3,
     "pipeline": 4, "restore": 4, "mirror": 4, "release": 4,
     "manager": 5,
     "cli": 6, "__main__": 6, "integrations": 6,
 }
 # Same-layer imports the design names explicitly.
 ALLOWED_SAME_LAYER = {("config", "retention"), ("config", "schedule"), ("dcp_io", "storage"),
+                      ("lease", "storage"),
                       ("__main__", "cli")}
 PURE = ["errors", "retention", "schedule", "manifest", "config"]
-NO_TORCH = PURE + ["codec", "multipart", "storage", "cli"]
+NO_TORCH = PURE + ["codec", "multipart", "storage", "lease", "cli"]
 LAZY_OK = {("cli", "manager"), ("cli", "release")}
 
 
