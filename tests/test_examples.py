@@ -1,0 +1,77 @@
+"""Every example runs as written, at tiny sizes; run again, it resumes (``slow``).
+
+(``train_ddp.py`` and ``train_fsdp.py`` run under torchrun in ``test_distributed.py``.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DEADLINE_S = 180
+SINGLE = [("train_toy.py", [], "torchdata"), ("train_lightning.py", [], "lightning"),
+          ("train_accelerate.py", ["--cpu"], "accelerate")]
+
+
+def _run(tmp_path: Path, script: str, *args: str) -> str:
+    cmd = [sys.executable, str(EXAMPLES / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env,
+                             timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{script} still running after {DEADLINE_S}s:\n{(e.stdout or '')[-2000:]}")
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.parametrize("script, extra, needs", SINGLE)
+def test_example_runs(tmp_path, script, extra, needs):
+    pytest.importorskip(needs)
+    text = _run(tmp_path, script, "--root", str(tmp_path / "ckpt"), "--steps", "4", "--every", "2", *extra)
+    assert "done at step 4" in text and "fresh run" in text
+    assert (tmp_path / "ckpt" / "step-0000000004" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra, needs", SINGLE)
+def test_example_resumes_when_run_again(tmp_path, script, extra, needs):
+    pytest.importorskip(needs)
+    root = str(tmp_path / "ckpt")
+    _run(tmp_path, script, "--root", root, "--steps", "6", "--every", "3", *extra)
+    text = _run(tmp_path, script, "--root", root, "--steps", "9", "--every", "3", *extra)
+    assert "done at step 9" in text and "resumed" in text
+
+
+def _s3_args(s3_bucket: dict) -> list[str]:
+    return ["--backup", f"s3://{s3_bucket['name']}/toy-backup", "--endpoint-url",
+            s3_bucket["endpoint"], "--every", "3"]
+
+
+@pytest.mark.s3
+def test_s3_backup_example_mirrors_to_s3(tmp_path, s3_bucket):
+    pytest.importorskip("s3fs")
+    text = _run(tmp_path, "train_s3_backup.py", "--root", str(tmp_path / "local"), "--steps", "6",
+                *_s3_args(s3_bucket))
+    assert "done at step 6" in text and "backup: [3, 6]" in text
+    keys = [o["Key"] for o in s3_bucket["client"].list_objects_v2(
+        Bucket=s3_bucket["name"], Prefix="toy-backup/")["Contents"]]
+    assert "toy-backup/step-0000000006/manifest.json" in keys
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_backup_example_resumes_from_s3_when_the_local_copy_is_lost(tmp_path, s3_bucket):
+    pytest.importorskip("s3fs")
+    root = tmp_path / "local"
+    _run(tmp_path, "train_s3_backup.py", "--root", str(root), "--steps", "6", *_s3_args(s3_bucket))
+    for f in root.glob("step-*/*"):
+        f.unlink()
+    text = _run(tmp_path, "train_s3_backup.py", "--root", str(root), "--steps", "9", *_s3_args(s3_bucket))
+    assert "starting at step 6 (resumed)" in text and "done at step 9" in text
