@@ -52,11 +52,11 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _progress(total: int, desc: str) -> Any:
-    """A tqdm bar on stderr, shown only on a terminal."""
+def _progress(total: int, desc: str, unit: str = "B") -> Any:
+    """A tqdm bar on stderr, shown only on a terminal; ``unit`` "B" counts bytes."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False,
                 disable=not sys.stderr.isatty())
 
 
@@ -165,6 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         bar.update(m.total_bytes)
         entry = write_weights(out, name, tensors, format=args.format,
                               metadata={"format": "pt", "step": str(m.step)})
+        bar.update(m.total_bytes)
     if args.json:
         print(json.dumps({"step": m.step, "tensors": len(tensors), "bytes": entry.size,
                           "format": args.format, "dtype": dtype, "path": out.url_of(name)}))
@@ -269,7 +270,7 @@ def _diff_items(sides: Sequence[Any], keys: Sequence[str], kinds: dict[str, str]
 
     (_, fa, files_a), (_, fb, files_b) = sides
     out: dict[str, Any] = {}
-    with _progress(sum(1 for _ in keys), "diff") as bar:
+    with _progress(len(keys), "diff", unit="item") as bar:
         for (key, a), (_, b) in zip(read_items(fa, files_a, keys), read_items(fb, files_b, keys)):
             if kinds[key] == "object":
                 out[key] = _compare_objects(key, a, b)

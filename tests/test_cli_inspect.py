@@ -53,6 +53,13 @@ def test_inspect_lists_tensors_with_shapes_dtypes_bytes_and_ratio(run, capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("model/model.0.weight"))
     assert "tensor" in line and "float32" in line and "32x64" in line and "8.2 KB" in line
     assert "scheduler" in out and "object" in out and "tensors:" in out
+    _, doc, _ = _run(capsys, "inspect", str(root), "2", "--json")
+    item = next(i for i in json.loads(doc)["items"] if i["key"] == "model/model.0.weight")
+    assert item["raw_bytes"] == 32 * 64 * 4 and 0 < item["stored_bytes"]
+    assert line.split()[-1] == f"{item['raw_bytes'] / item['stored_bytes']:.2f}"   # ratio column
+    tensors = [i for i in json.loads(doc)["items"] if i["kind"] == "tensor"]
+    raw, stored = sum(i["raw_bytes"] for i in tensors), sum(i["stored_bytes"] for i in tensors)
+    assert f"(ratio {raw / stored:.2f})" in out
 
 
 def test_inspect_json_matches_the_model(run, capsys):
@@ -124,12 +131,37 @@ def test_inspect_and_diff_never_unpickle_code(tmp_path, capsys, monkeypatch):
     assert not marker.exists()
 
 
-def test_progress_bars_only_on_a_terminal(run, capsys, monkeypatch):
+@pytest.mark.parametrize("command,args,unit", [("verify", [], "B"), ("inspect", ["--stats"], "B"),
+                                               ("diff", ["2", "3"], "item"),
+                                               ("export", ["OUT"], "B")])
+def test_progress_bars_only_on_a_terminal_and_run_to_the_end(run, capsys, monkeypatch, tmp_path,
+                                                             command, args, unit):
+    import tqdm
+
+    closed: list[tuple[float, float, str, bool]] = []
+
+    class Recorded(tqdm.tqdm):  # the real bar, remembering where it stood when it closed
+        def close(self) -> None:
+            if not getattr(self, "_recorded", False):
+                self._recorded = True
+                closed.append((self.n, self.total, getattr(self, "unit", None), self.disable))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
     root, _ = run
-    assert _run(capsys, "verify", str(root))[2] == ""          # not a TTY: no bar
+    argv = [command, str(root), *[str(tmp_path / "w.safetensors") if a == "OUT" else a for a in args]]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0 and err == ""                               # not a TTY: no bar
+    assert [c[3] for c in closed] == [True]
+    if command == "export":
+        argv.append("--force")
+    closed.clear()
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    code, out, err = _run(capsys, "verify", str(root))
-    assert code == 0 and "verify" in err and "step 3: ok" in out
+    code, _, err = _run(capsys, *argv)
+    assert code == 0 and command in err                          # drawn on stderr
+    ((n, total, got_unit, disabled),) = closed
+    assert not disabled and total > 0 and n == total, closed    # the bar reaches its total
+    assert got_unit == unit
 
 
 def test_export_json(run, capsys, tmp_path):
