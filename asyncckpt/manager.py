@@ -292,6 +292,9 @@ class CheckpointManager:
         """
         self._check_open()
         check_step(step)
+        for name, flag in (("epoch_end", epoch_end), ("force", force)):
+            if type(flag).__name__ not in ("bool", "bool_"):  # Python's or numpy's
+                raise ConfigError.field(name, flag, "True or False")
         now, sched, st = time.monotonic(), self.schedule, self._schedule_state
         st.tick(step, now)
         decision = None
@@ -679,10 +682,17 @@ class CheckpointManager:
 
     def _after_restore(self, m: Manifest, state: TrainState) -> None:
         milestones = tuple(self.schedule.param_milestones or ()) if self.schedule else ()
-        # reached: up to the restored trainable count, or to the largest tagged in the manifest
-        top = max([state.trainable_param_count(),
-                   *(ms for ms in milestones if f"milestone:{format_params(ms)}" in m.tags)])
-        self._schedule_state.mark_milestones(ms for ms in milestones if ms <= top)
+        if milestones:
+            # reached: up to the restored trainable count, or to the largest milestone tagged on
+            # the restored checkpoint or any committed one before it (the count may have been
+            # lower at the restored step, e.g. with layers frozen, than when the milestone fired)
+            tags = set(m.tags)
+            for other in list_committed(self.storage):
+                if other.step <= m.step:
+                    tags.update(other.tags)
+            top = max([state.trainable_param_count(),
+                       *(ms for ms in milestones if f"milestone:{format_params(ms)}" in tags)])
+            self._schedule_state.mark_milestones(ms for ms in milestones if ms <= top)
         self._schedule_state.record_save(m.step, time.monotonic())
         self._prewarm_staging(state)
         log.info("step=%d rank=%d: restored from %s", m.step, self.rank, self.storage.url_of(step_dir_name(m.step)))

@@ -18,6 +18,7 @@ from torch import nn
 
 from asyncckpt import CheckpointManager, Schedule, TrainState, plan_checkpoints
 from asyncckpt import manager as manager_mod
+from asyncckpt.errors import ConfigError
 
 
 class FakeTime:
@@ -105,6 +106,28 @@ def test_milestones_with_a_growing_model(tmp_path: Path) -> None:
         assert mgr.maybe_save(8, small) is None  # 21760 trainable: 20K already reached
 
 
+def test_milestone_passed_before_a_later_plain_save_is_not_saved_again_after_restart(
+        tmp_path: Path) -> None:
+    """1K fires at step 1; step 5 is a plain save (no milestone tag).  A restart from step 5
+    with layers frozen counts fewer trainable parameters than 1K: unfreezing them must not
+    fire 1K a second time (the earlier checkpoint's tag says it was reached)."""
+    schedule = Schedule(param_milestones="1K")
+    state = _state(layers=4)                                   # 1088 trainable
+    with CheckpointManager(tmp_path / "ckpt", schedule=schedule) as mgr:
+        assert mgr.maybe_save(1, state) is not None
+        mgr.save(5, state).result()
+        assert _committed(mgr) == {1: ("milestone:1K",), 5: ()}
+    frozen = _state(layers=4)
+    for layer in list(frozen.models["model"])[1:]:
+        layer.requires_grad_(False)
+    with CheckpointManager(tmp_path / "ckpt", schedule=schedule) as mgr:
+        assert mgr.restore(frozen) == 5 and frozen.trainable_param_count() == 272
+        for layer in frozen.models["model"]:
+            layer.requires_grad_(True)
+        assert mgr.maybe_save(6, frozen) is None
+        assert sorted(_committed(mgr)) == [1, 5]
+
+
 def test_auto_mode_saves_at_the_measured_interval(tmp_path: Path, clock: FakeTime,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """1 s steps, 2 s per save, at most 10% overhead: a save every 20 steps."""
@@ -189,3 +212,12 @@ def test_from_config_errors(tmp_path: Path) -> None:
     bad.write_text("checkpoint:\n  root: x\n  keep_last: 3\n")
     with pytest.raises(ValueError, match="bad.yaml: checkpoint: unknown key 'keep_last'"):
         CheckpointManager.from_config(bad)
+
+
+@pytest.mark.parametrize("kwargs", [{"epoch_end": "yes"}, {"force": 1}, {"epoch_end": None}])
+def test_maybe_save_flags_must_be_booleans(tmp_path: Path, kwargs: dict) -> None:
+    (name, value), = kwargs.items()
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        with pytest.raises(ConfigError, match=f"{name}.*{value!r}.*True or False"):
+            mgr.maybe_save(1, _state(), **kwargs)
+        assert mgr.list() == []
