@@ -42,7 +42,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Dropout(0.1), nn.Linear(256, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.steps, 1))
+    # a fixed horizon, not --steps: a run resumed with more steps follows the same LR curve
+    # as one that never stopped (the restored scheduler keeps the T_max it was saved with)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000)
     loader = StatefulDataLoader(make_data(), batch_size=64, shuffle=True)
     extra = {"samples_seen": 0}
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler,

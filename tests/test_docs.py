@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,30 @@ def test_readme_links_every_docs_page():
     for page in ("concepts.md", "configuration.md", "cli.md", "integrations.md"):
         assert f"docs/{page}" in readme, page
         assert (DOCS / page).exists(), page
+
+
+def _fenced(text: str, lang: str) -> list[str]:
+    """The bodies of the ```lang blocks of a markdown text."""
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (DOCS.parent / "README.md").read_text()
+    after = readme[readme.index("Run the tests"):]
+    command = _fenced(after, "bash")[0].strip()
+    ci = [ln for ln in (DOCS.parent / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.startswith("#")]
+    assert ci[-1] == command
+
+
+def test_readme_schedule_example_prints_what_the_readme_shows(tmp_path):
+    readme = (DOCS.parent / "README.md").read_text()
+    yaml_text = next(b for b in _fenced(readme, "yaml") if "dataset_tokens" in b)
+    console = next(b for b in _fenced(readme, "console") if "asyncckpt schedule" in b)
+    command, *shown = console.splitlines()
+    args = command.removeprefix("$ asyncckpt ").split()
+    (tmp_path / "train.yaml").write_text(yaml_text)
+    out = subprocess.run([sys.executable, "-m", "asyncckpt", *args], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == shown

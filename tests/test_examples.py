@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,30 @@ def test_example_resumes_when_run_again(tmp_path, script, extra, needs):
     _run(tmp_path, script, "--root", root, "--steps", "6", "--every", "3", *extra)
     text = _run(tmp_path, script, "--root", root, "--steps", "9", "--every", "3", *extra)
     assert "done at step 9" in text and "resumed" in text
+
+
+def test_toy_example_resumed_run_ends_bit_exactly_where_an_uninterrupted_one_does(tmp_path):
+    """The quickstart's promise: stop at 6, run again to 9, same weights as 0 -> 9 at once."""
+    pytest.importorskip("torchdata")
+    from safetensors.torch import load_file
+
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    _run(tmp_path, "train_toy.py", "--root", resumed, "--steps", "6", "--every", "3")
+    assert "resumed" in _run(tmp_path, "train_toy.py", "--root", resumed, "--steps", "9", "--every", "3")
+    _run(tmp_path, "train_toy.py", "--root", straight, "--steps", "9", "--every", "3")
+    weights = []
+    for root in (resumed, straight):
+        out = tmp_path / f"{Path(root).name}.safetensors"
+        subprocess.run([sys.executable, "-m", "asyncckpt", "export", root, "--step", "9", str(out)],
+                       check=True, capture_output=True, timeout=DEADLINE_S)
+        weights.append(load_file(out))
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for key, value in weights[0].items():
+        assert torch_equal(value, weights[1][key]), key
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    return bool(a.dtype == b.dtype and a.shape == b.shape and (a == b).all())
 
 
 def _s3_args(s3_bucket: dict) -> list[str]:

@@ -253,6 +253,25 @@ def test_values_are_those_at_save_time(tmp_path, faulty_fs):
     assert fresh_extra == {"epoch": 1, "hist": [1.0]}
 
 
+def test_a_second_save_never_waits_for_the_first_ones_write(tmp_path, faulty_fs):
+    """max_pending=2 (the default): with the writer held inside save 1's write, save 2 still
+    returns staged; both commit, in order, once the writer goes on."""
+    state = TrainState(model=_net())
+    with CheckpointManager(faulty_fs.url(tmp_path / "ckpt")) as mgr:
+        assert mgr.options.max_pending == 2
+        faulty_fs.pause()
+        first = mgr.save(1, state)
+        assert faulty_fs.paused.wait(30)                 # the writer is inside save 1's write
+        with torch.no_grad():
+            state.models["model"][0].weight.add_(1)
+        second = mgr.save(2, state)                     # returns: training is not held
+        assert second.staged(timeout=0) is True and second.bytes_staged > 0
+        assert first.committed(timeout=0) is False and second.committed(timeout=0) is False
+        faulty_fs.release()
+        assert [first.result().step, second.result().step] == [1, 2]
+        assert _steps(mgr) == [1, 2]
+
+
 def test_handle_while_the_writer_is_held(tmp_path, faulty_fs):
     state = TrainState(model=_net())
     with CheckpointManager(faulty_fs.url(tmp_path / "ckpt")) as mgr:
