@@ -110,6 +110,26 @@ def test_checkpoint_io_plugin_resume_matches_an_uninterrupted_run(tmp_path, unin
     assert [(p / "manifest.json").exists() for p in dirpath.glob("*step=10.ckpt")] == [True]
 
 
+@pytest.mark.s3
+def test_checkpoint_io_plugin_on_s3_resumes_from_an_explicit_url(s3_bucket, monkeypatch, uninterrupted):
+    """ModelCheckpoint's own fsspec calls (ls, exists, rm) reach moto through AWS_ENDPOINT_URL;
+    the plugin writes through its storage_options."""
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket["endpoint"])
+    dirpath = f"s3://{s3_bucket['name']}/lightning"
+    io_ = AsyncCkptIO(storage_options=s3_bucket["options"])
+    mc = pl.callbacks.ModelCheckpoint(dirpath=dirpath, every_n_train_steps=5, save_top_k=-1,
+                                      save_last=True)
+    _fit(7, callbacks=[mc], plugins=[io_])
+    keys = {o["Key"] for o in s3_bucket["client"].list_objects_v2(
+        Bucket=s3_bucket["name"], Prefix="lightning/")["Contents"]}
+    assert {"lightning/last.ckpt/manifest.json", "lightning/epoch=0-step=5.ckpt/manifest.json"} <= keys
+    mc2 = pl.callbacks.ModelCheckpoint(dirpath=dirpath, every_n_train_steps=5, save_top_k=-1)
+    resumed = _fit(12, callbacks=[mc2], plugins=[AsyncCkptIO(storage_options=s3_bucket["options"])],
+                   ckpt_path=f"{dirpath}/last.ckpt")
+    _assert_same(resumed, uninterrupted)
+
+
 def test_checkpoint_io_round_trip_remove_and_missing(tmp_path):
     io_ = AsyncCkptIO()
     ckpt = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 1, "global_step": 9,
