@@ -61,6 +61,26 @@ def test_list_shows_manifest_release_and_best_tags(root, capsys):
     assert "best:loss" in line
 
 
+def test_list_table_and_json_show_step_epoch_time_size_tags_metrics(tmp_path, capsys):
+    path = tmp_path / "ckpt"
+    with CheckpointManager(path) as mgr:
+        mgr.save(7, TrainState(model=_model(7)), metrics={"loss": 0.125, "acc": 0.5}, epoch=2,
+                 tags=["user:x"], blocking=True)
+        (info,) = mgr.list()
+    code, out, _ = _run(capsys, "list", path, "--json")
+    (doc,) = json.loads(out)
+    assert code == 0 and doc["step"] == 7 and doc["epoch"] == 2 and doc["tags"] == ["user:x"]
+    assert doc["metrics"] == {"loss": 0.125, "acc": 0.5} and doc["time"] == info.time
+    shards = [p for p in (path / "step-0000000007").iterdir() if p.name != MANIFEST_NAME]
+    assert doc["bytes"] == info.bytes == sum(p.stat().st_size for p in shards)
+    code, out, _ = _run(capsys, "list", path)
+    header, row = out.splitlines()
+    assert header.split() == ["step", "epoch", "time", "size", "tags", "metrics"]
+    assert row.split()[:3] == ["7", "2", info.time]
+    assert row.split()[-3:] == ["user:x", "acc=0.5", "loss=0.125"] and " KB" in row
+    assert _run(capsys, "list", tmp_path / "empty")[1].startswith("no committed checkpoints under")
+
+
 def test_prune_dry_run_then_prune_follows_the_policy(root, capsys):
     code, out, _ = _run(capsys, "prune", root, "--keep-last", "1", "--dry-run", "--json")
     report = json.loads(out)

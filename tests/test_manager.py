@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -540,6 +542,37 @@ def test_list_reports_what_was_saved(tmp_path):
     assert last.path.endswith("step-0000000020")
     assert os.path.isdir(last.path)
     assert last.time.endswith("Z")
+
+
+@pytest.mark.parametrize("in_git", [True, False])
+def test_manifest_records_provenance_and_every_file(tmp_path, monkeypatch, in_git):
+    work = tmp_path / "work"
+    work.mkdir()
+    commit = None
+    if in_git:
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+        subprocess.run([*git, "init", "-q"], cwd=work, check=True)
+        (work / "f").write_text("x")
+        subprocess.run([*git, "add", "f"], cwd=work, check=True)
+        subprocess.run([*git, "commit", "-qm", "c"], cwd=work, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path
+    model = _net()
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.save(3, TrainState(model=model), epoch=1).result()
+    folder = tmp_path / "ckpt" / "step-0000000003"
+    raw = json.loads((folder / "manifest.json").read_text())
+    assert next(iter(raw)) == "format_version"
+    assert raw["step"] == 3 and raw["epoch"] == 1 and raw["world_size"] == 1
+    assert raw["param_count"] == sum(p.numel() for p in model.parameters())
+    assert raw["torch_version"] == torch.__version__ and raw["git_commit"] == commit
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    assert raw["host"] == socket.gethostname() and raw["device"] == device
+    on_disk = {p.name: p.stat().st_size for p in folder.iterdir() if p.name != "manifest.json"}
+    assert {f["path"]: f["size"] for f in raw["files"]} == on_disk
+    assert all(f["checksum"] for f in raw["files"])
 
 
 def test_restore_best_by_metric_and_by_path(tmp_path):

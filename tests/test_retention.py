@@ -440,3 +440,21 @@ def test_plan_properties(policy: Retention, ckpts: list[Item], data) -> None:
     shuffled = data.draw(st.permutations(ckpts))
     assert policy.plan(shuffled) == plan
     assert policy.plan(ckpts) == plan
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy=policies(), ckpts=checkpoint_lists())
+def test_pruning_after_every_save_keeps_exactly_what_the_policy_says(policy: Retention,
+                                                                   ckpts: list[Item]) -> None:
+    """Saves commit one by one (in step order) and the manager prunes after each: at every
+    point the newest two committed survive and nothing but what that plan drops is deleted;
+    at the end the survivors are exactly the policy's keep set over everything ever saved."""
+    alive: list[Item] = []
+    for item in sorted(ckpts, key=lambda c: c.step):
+        alive.append(item)
+        plan = policy.plan(alive)
+        newest_two = {c.step for c in alive[-2:]}
+        assert newest_two <= set(plan.keep) and item.step in plan.keep
+        assert set(plan.keep) == reference_keep(policy, alive)
+        alive = [c for c in alive if c.step not in set(plan.delete)]
+    assert {c.step for c in alive} == reference_keep(policy, ckpts)

@@ -7,6 +7,7 @@ never on sleeps, and a timer kills a child that passes its deadline.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -105,6 +106,26 @@ def test_manager_saves_at_once_after_a_signal(tmp_path: Path, restore_handlers: 
         assert (info.step, info.tags, info.metrics) == (2, ("mine", "signal:SIGTERM"), {"loss": 1.5})
         assert mgr.maybe_save(3, state) is None  # the signal was handled once
     assert {s: signal.getsignal(s) for s in restore_handlers} == restore_handlers  # close() restored
+
+
+def test_signal_grace_bounds_the_wait_for_the_final_save(tmp_path: Path, restore_handlers: dict,
+                                                         faulty_fs, caplog) -> None:
+    """The writer is held inside the final save's write: maybe_save gives up after
+    signal_grace_s, logs it, and the loop may stop; the save still commits at close()."""
+    state = TrainState(model=torch.nn.Linear(4, 4))
+    with CheckpointManager(faulty_fs.url(tmp_path / "ckpt"), save_on_signal=True,
+                           signal_grace_s=0.2) as mgr:
+        signal.raise_signal(signal.SIGTERM)
+        faulty_fs.pause()
+        with caplog.at_level(logging.ERROR, logger="asyncckpt"):
+            handle = mgr.maybe_save(5, state)
+        assert handle is not None and mgr.should_stop
+        assert faulty_fs.paused.wait(30) and not handle.committed(timeout=0)   # still held
+        assert any("did not commit within signal_grace_s=0.2" in r.getMessage() for r in caplog.records)
+        faulty_fs.release()
+    assert handle.result().step == 5
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        assert [i.step for i in mgr.list()] == [5]
 
 
 def test_manager_signal_on_a_saved_step_just_stops(tmp_path: Path, restore_handlers: dict) -> None:
