@@ -293,7 +293,8 @@ def test_a_permanent_failure_leaves_nothing_visible(s3_bucket, s3_proxy, on_erro
     _train(model, opt, sched, 1)
     mgr.save(3, state)                           # training goes on
     mgr.close()
-    assert [i.step for i in CheckpointManager(_root(s3_bucket), storage_options=opts).list()] == [3]
+    with CheckpointManager(_root(s3_bucket), storage_options=opts) as again:  # cleans up at start
+        assert [i.step for i in again.list()] == [3]
     assert not any("step-0000000002" in k for k in _keys(s3_bucket))   # leftovers cleaned
 
 
