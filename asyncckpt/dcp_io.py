@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 
 from . import codec as _codec
 from .errors import AsyncCkptError, CorruptCheckpointError, UnsafeCheckpointError
+from .bounce import Bounce
 from .manifest import FileEntry
 from .storage import Storage
 
@@ -309,6 +310,7 @@ class CheckpointReader(StorageReader):
         self.metadata: dcp_metadata.Metadata | None = None
         self._chunks: dict[tuple[str, tuple[int, ...]], tuple[torch.dtype, torch.Size]] = {}
         self._lock = threading.Lock()
+        self._bounces: dict[tuple[int, torch.device], Bounce] = {}
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -358,9 +360,14 @@ class CheckpointReader(StorageReader):
             info = self.metadata.storage_data[req.storage_index]
             per_file.setdefault(info.relative_path, []).append(req)
         jobs = list(per_file.items())
-        with ThreadPoolExecutor(min(self.threads, max(1, len(jobs))),
-                                thread_name_prefix="asyncckpt-read") as pool:
-            list(pool.map(lambda job: self._read_one(job[0], job[1], planner), jobs))
+        try:
+            with ThreadPoolExecutor(min(self.threads, max(1, len(jobs))),
+                                    thread_name_prefix="asyncckpt-read") as pool:
+                list(pool.map(lambda job: self._read_one(job[0], job[1], planner), jobs))
+        finally:
+            bounces, self._bounces = list(self._bounces.values()), {}
+            for bounce in bounces:  # every device copy has landed before DCP goes on
+                bounce.finish()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -386,12 +393,24 @@ class CheckpointReader(StorageReader):
             tensor = _narrow(tensor, req.storage_offsets, req.lengths)
             with self._lock:
                 target = planner.resolve_tensor(req).detach()
-                if target.size() != tensor.size():
-                    raise CorruptCheckpointError(url, f"shape {tuple(target.size())}",
-                                                 f"shape {tuple(tensor.size())}",
-                                                 f"item {req.storage_index.fqn}")
-                target.copy_(tensor)
+            if target.size() != tensor.size():
+                raise CorruptCheckpointError(url, f"shape {tuple(target.size())}",
+                                             f"shape {tuple(tensor.size())}",
+                                             f"item {req.storage_index.fqn}")
+            if target.is_cuda:  # pinned bounce buffers: pageable host-to-device copies crawl
+                self._bounce(target.device).copy(target, tensor)
+            else:
+                target.copy_(tensor)  # outside the lock: the reading threads copy in parallel
+            with self._lock:
                 planner.commit_tensor(req, target)
+
+    def _bounce(self, device: torch.device) -> Bounce:
+        """This thread's bounce buffers for ``device`` (made on first use)."""
+        key = (threading.get_ident(), device)
+        with self._lock:
+            if key not in self._bounces:
+                self._bounces[key] = Bounce(device)
+            return self._bounces[key]
 
     def _tensor(self, req: Any, blob: memoryview, encoded: bool, url: str) -> torch.Tensor:
         if not encoded:

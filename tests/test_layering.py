@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "asyncckpt"
 LAYER = {
     "errors": 0,
     "retention": 1, "schedule": 1, "manifest": 1, "config": 1,
-    "codec": 2, "state": 2, "staging": 2, "planner": 2, "_dist": 2, "signals": 2, "multipart": 2,
+    "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
+    "multipart": 2,
     "storage": 3, "dcp_io": 3, "lease": 3,
     "pipeline": 4, "restore": 4, "mirror": 4, "release": 4,
     "manager": 5,
