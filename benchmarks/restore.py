@@ -19,13 +19,11 @@ lines and a markdown table; with --out, writes RESTORE.md there.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from stall import build, dir_bytes, step, sync  # benchmarks/stall.py, beside this file
+from stall import (add_common_args, build, chosen, dir_bytes, start, step,  # beside this file
+                   sync, torch_checkpointing_manager)
 
 from asyncckpt import CheckpointManager, TrainState
 
@@ -115,14 +114,8 @@ class TorchCheckpointing(Loader):
     name = "torch_checkpointing"
 
     def setup(self, root, model, opt):
-        import torch_checkpointing as tc
-        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
-
         super().setup(root, model, opt)
-        cfg = tc.CheckpointManager.Config(
-            save=tc.AsyncCheckpointSaverConfig(),
-            storage_config=LocalFileSystemStorageConfig(use_direct_io=False))  # O_DIRECT: EINVAL
-        self.mgr = cfg.build()
+        self.mgr = torch_checkpointing_manager()
 
     def payload(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
@@ -196,31 +189,19 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", type=float, default=2e7, help="model parameters (fp32 + AdamW = 16 B each)")
+    add_common_args(p, "folder for RESTORE.md")
     p.add_argument("--repeat", type=int, default=3, help="loads per method (first + median)")
-    p.add_argument("--methods", default="all", help="comma-separated subset of method names")
-    p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
-    p.add_argument("--out", default=None, help="folder for RESTORE.md")
     args = p.parse_args()
 
-    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="asyncckpt-restore-"))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+    tmp, env = start(args, "asyncckpt-restore-")
     loaders: list[Loader] = [Asyncckpt("zstd"), Asyncckpt(None), DcpLoad(), TorchLoad()]
     try:
         __import__("torch_checkpointing")
         loaders.append(TorchCheckpointing())
     except ImportError:
         print("torch_checkpointing not installed: skipped", file=sys.stderr)
-    if args.methods != "all":
-        wanted = set(args.methods.split(","))
-        loaders = [m for m in loaders if m.name in wanted]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    params = sum(q.numel() for q in build(args.params, "meta")[0].parameters())
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "torch": torch.__version__, "params": params, "date": dt.date.today().isoformat(),
-           "cpus": os.cpu_count()}
-    print(json.dumps({"env": env}), flush=True)
+    loaders = chosen(loaders, args.methods)
+    device, params = "cuda" if torch.cuda.is_available() else "cpu", env["params"]
     rows = []
     for loader in loaders:
         r = measure(loader, args, tmp, device)

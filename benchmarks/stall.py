@@ -177,20 +177,25 @@ class Asyncckpt(TorchSave):
         self.mgr.close()
 
 
+def torch_checkpointing_manager() -> Any:
+    """torch_checkpointing's manager as its users would set it up: the async saver, local
+    files without O_DIRECT (which failed with EINVAL on the H100 machine)."""
+    import torch_checkpointing as tc
+    from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+
+    return tc.CheckpointManager.Config(
+        save=tc.AsyncCheckpointSaverConfig(),
+        storage_config=LocalFileSystemStorageConfig(use_direct_io=False)).build()
+
+
 class TorchCheckpointing(TorchSave):
     """meta-pytorch's torch_checkpointing: prewarmed pinned staging, background process."""
 
     name = "torch_checkpointing"
 
     def setup(self, root, model, opt):
-        import torch_checkpointing as tc
-        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
-
         super().setup(root, model, opt)
-        cfg = tc.CheckpointManager.Config(
-            save=tc.AsyncCheckpointSaverConfig(),
-            storage_config=LocalFileSystemStorageConfig(use_direct_io=False))  # O_DIRECT: EINVAL
-        self.mgr = cfg.build()
+        self.mgr = torch_checkpointing_manager()
         self.mgr.prewarm_staging(self.payload())
         self.mgr.save(str(self.root / "prewarm"), self.payload()).result()  # prewarmed well before
 
@@ -301,21 +306,42 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def add_common_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The options every benchmark here shares: model size, method subset, folders."""
+    p.add_argument("--params", type=float, default=2e7, help="model parameters (fp32 + AdamW = 16 B each)")
+    p.add_argument("--methods", default="all", help="comma-separated subset of method names")
+    p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
+    p.add_argument("--out", default=None, help=out_help)
+
+
+def start(args: argparse.Namespace, prefix: str) -> tuple[Path, dict[str, Any]]:
+    """(work folder, environment record): a one-rank gloo group, as DCP wants one."""
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    params = sum(q.numel() for q in build(args.params, "meta")[0].parameters())
+    env = {"device": device, "torch": torch.__version__, "params": params,
+           "date": dt.date.today().isoformat(), "cpus": os.cpu_count()}
+    print(json.dumps({"env": env}), flush=True)
+    return tmp, env
+
+
+def chosen(methods: list[Any], spec: str) -> list[Any]:
+    """The methods named in ``--methods`` (all for "all")."""
+    return methods if spec == "all" else [m for m in methods if m.name in set(spec.split(","))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", type=float, default=2e7, help="model parameters (fp32 + AdamW = 16 B each)")
+    add_common_args(p, "folder for RESULTS.md and stall.png")
     p.add_argument("--saves", type=int, default=4, help="saves per method (first + median of the rest)")
     p.add_argument("--warmup", type=int, default=10, help="steps to take the median step time from")
     p.add_argument("--follow", type=int, default=5, help="steps timed right after each save")
     p.add_argument("--between", type=int, default=3, help="untimed steps between saves")
-    p.add_argument("--methods", default="all", help="comma-separated subset of method names")
-    p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
-    p.add_argument("--out", default=None, help="folder for RESULTS.md and stall.png")
     args = p.parse_args()
 
-    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="asyncckpt-stall-"))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+    tmp, env = start(args, "asyncckpt-stall-")
     methods: list[Method] = [TorchSave(), DcpSave(), DcpAsync(), DcpAsyncPinned(),
                              Asyncckpt("pinned", None), Asyncckpt("pinned", "zstd"), CopyLimit()]
     if torch.cuda.is_available():
@@ -326,14 +352,7 @@ def main() -> None:
             methods.insert(-1, optional)
         except ImportError:
             print(f"{module} not installed: skipped", file=sys.stderr)
-    if args.methods != "all":
-        wanted = set(args.methods.split(","))
-        methods = [m for m in methods if m.name in wanted]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    params = sum(p.numel() for p in build(args.params, "meta")[0].parameters())
-    env = {"device": device, "torch": torch.__version__, "params": params,
-           "date": dt.date.today().isoformat(), "cpus": os.cpu_count()}
-    print(json.dumps({"env": env}), flush=True)
+    methods = chosen(methods, args.methods)
     rows = []
     for m in methods:
         r = measure(m, args, tmp)
