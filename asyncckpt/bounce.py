@@ -11,8 +11,9 @@ side stream, so reading threads keep the bus busy.
 Call order, per reading thread: ``Bounce(device)`` once, ``copy(dst, src)``
 per tensor (``dst`` on the device, ``src`` on the host), ``finish()`` before
 anything else uses the destinations (it waits for the side stream).  The side
-stream first waits for the current stream, so copies land after whatever the
-training stream had queued on the destinations.
+stream first waits for ``after`` (the caller's stream; by default the current
+one of the thread that copies), so copies land after whatever the training
+stream had queued on the destinations.
 
 For a destination on another device than the ``Bounce``'s, or one that is
 not contiguous, ``copy`` is a plain ``dst.copy_(src)``.  (On a CPU device the
@@ -34,10 +35,14 @@ class Bounce:
     """Two pinned buffers and a side stream for one reading thread (see the module doc)."""
 
     def __init__(self, device: torch.device | str, *, chunk_bytes: int = CHUNK_BYTES,
-                 pin: bool | None = None) -> None:
+                 pin: bool | None = None, after: Any = None) -> None:
         self.device = torch.device(device)
-        self.chunk_bytes = max(1, int(chunk_bytes))
         cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if cuda and self.device.index is None:  # "cuda" means the current device: name it
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.chunk_bytes = max(1, int(chunk_bytes))
+        self._after = after
+        """The stream whose queued work the copies must follow (default: this thread's current)."""
         self.pin = cuda if pin is None else pin
         self._stream: Any = torch.cuda.Stream(self.device) if cuda else None
         self._bufs: list[torch.Tensor] = []
@@ -58,7 +63,7 @@ class Bounce:
             dst.copy_(src)
             return
         if self._stream is not None and not self._started:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._stream.wait_stream(self._after or torch.cuda.current_stream(self.device))
             self._started = True
         out = dst.view(-1).view(torch.uint8)
         raw = src.contiguous().view(-1).view(torch.uint8)

@@ -66,7 +66,8 @@ class ManagerOptions:
     """Let copies of parameters and optimizer state run during the next forward/backward;
     ``optimizer.step`` (hooked) and ``with mgr.guard():`` wait for them.  CUDA only."""
     pinned_memory_budget: int | None = None
-    """Bytes of host staging buffers; None: one copy of the state (two for CPU training)."""
+    """Bytes of host staging buffers (pinned ones counted as torch allocates them, each
+    rounded up to a power of two); None: one copy of the state (two for CPU training)."""
     on_error: str = "raise"
     """``"raise"``: a background failure is raised by the next call; ``"warn"``: logged only."""
     max_pending: int = 2

@@ -311,6 +311,7 @@ class CheckpointReader(StorageReader):
         self._chunks: dict[tuple[str, tuple[int, ...]], tuple[torch.dtype, torch.Size]] = {}
         self._lock = threading.Lock()
         self._bounces: dict[tuple[int, torch.device], Bounce] = {}
+        self._after: Any = None
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -360,6 +361,8 @@ class CheckpointReader(StorageReader):
             info = self.metadata.storage_data[req.storage_index]
             per_file.setdefault(info.relative_path, []).append(req)
         jobs = list(per_file.items())
+        # the caller's stream: device copies from the reading threads must follow its work
+        self._after = torch.cuda.current_stream() if torch.cuda.is_available() else None
         try:
             with ThreadPoolExecutor(min(self.threads, max(1, len(jobs))),
                                     thread_name_prefix="asyncckpt-read") as pool:
@@ -409,7 +412,7 @@ class CheckpointReader(StorageReader):
         key = (threading.get_ident(), device)
         with self._lock:
             if key not in self._bounces:
-                self._bounces[key] = Bounce(device)
+                self._bounces[key] = Bounce(device, after=self._after)
             return self._bounces[key]
 
     def _tensor(self, req: Any, blob: memoryview, encoded: bool, url: str) -> torch.Tensor:

@@ -147,15 +147,24 @@ class BufferPool:
             return self.budget_bytes
         return set_bytes * self.default_sets
 
+    def footprint(self, layout: Layout) -> int:
+        """Bytes one set for ``layout`` takes: torch's pinned allocator rounds each
+        allocation up to a power of two, so pinned sets are counted as it allocates them."""
+        if not self.pin:
+            return layout_bytes(layout)
+        return sum(0 if s.nbytes == 0 else 1 << (s.nbytes - 1).bit_length() for _, s in layout)
+
     def acquire(self, layout: Layout, *, wait: Callable[[], None] | None = None) -> BufferSet:
         """A free buffer set for ``layout``; allocates within budget, else waits for a release."""
-        set_bytes = layout_bytes(layout)
+        set_bytes = self.footprint(layout)
         with self._cond:
             if layout != self._layout:
                 self._switch_layout(layout)
             if set_bytes > self._limit(set_bytes):
                 raise ConfigError(f"pinned_memory_budget={self.budget_bytes} bytes is smaller than "
-                                  f"one copy of the state ({set_bytes} bytes); raise the budget")
+                                  f"one copy of the state ({set_bytes} bytes"
+                                  + (", each tensor's pinned buffer rounded up to a power of two"
+                                     if self.pin else "") + "); raise the budget")
             warned = False
             while True:
                 if self._free:
@@ -184,8 +193,13 @@ class BufferPool:
             log.info("state layout changed; dropping %d idle buffer set(s)", len(self._free))
         for b in self._free:
             self._allocated_bytes -= b.nbytes
-        self._free = []
+        dropped, self._free = self._free, []
         self._layout = layout
+        if dropped and self.pin:
+            del dropped
+            empty_cache = getattr(torch._C, "_host_emptyCache", None)
+            if empty_cache is not None:  # give the dropped pinned sets back to the system
+                empty_cache()
 
     def _allocate(self, layout: Layout, set_bytes: int) -> BufferSet:
         buffers = {p: torch.empty(s.shape, dtype=s.dtype, device=self.device, pin_memory=self.pin)
@@ -253,22 +267,34 @@ class Stager:
         cuda = torch.cuda.is_available()
         self.host = BufferPool(pin=cuda, budget_bytes=budget_bytes,
                                default_sets=1 if cuda else pageable_sets)
+        """Host buffers of CUDA state (pinned) or, without CUDA, of all state (pageable)."""
+        self.cpu_host = BufferPool(default_sets=pageable_sets) if cuda else self.host
+        """Host buffers of CPU state: pageable, never pinned (no device copy reads them)."""
         self._device_pool: BufferPool | None = None
         self._stream: Any = None
         self._pending: list[Any] = []
         self._fence_lock = threading.Lock()
         self._prewarm: threading.Thread | None = None
+        self._auto: tuple[Layout, str] | None = None
 
     # -- choosing a path ---------------------------------------------------------
-    def _path_for(self, tensors: list[torch.Tensor], nbytes: int) -> str:
+    def _path_for(self, tensors: list[torch.Tensor], layout: Layout, nbytes: int) -> str:
         if not any(_local(t).is_cuda for t in tensors):
             return "cpu"
         if self.mode == "device":
             return "device"
         if self.mode == "pinned":
             return "pinned"
-        free, _ = torch.cuda.mem_get_info()
-        return "device" if free > nbytes + _DEVICE_MARGIN_BYTES else "pinned"
+        # "auto" decides once per layout: switching between saves could deadlock, since a
+        # device save takes its host set later, on the writer, behind a pinned one queued
+        # after it that took the set at once
+        if self._auto is None or self._auto[0] != layout:
+            free, _ = torch.cuda.mem_get_info()
+            path = "device" if free > nbytes + _DEVICE_MARGIN_BYTES else "pinned"
+            log.info("staging='auto': %s (%.2f GB free on the GPU, %.2f GB of state)",
+                     path, free / 1e9, nbytes / 1e9)
+            self._auto = (layout, path)
+        return self._auto[1]
 
     def _side_stream(self) -> Any:
         if self._stream is None:
@@ -279,23 +305,25 @@ class Stager:
     @property
     def warm(self) -> bool:
         """Whether host buffers exist or are being allocated (cheap to ask every step)."""
-        return self.host.allocations > 0 or (self._prewarm is not None and self._prewarm.is_alive())
+        return self.host.allocations + self.cpu_host.allocations > 0 or (
+            self._prewarm is not None and self._prewarm.is_alive())
 
     def prewarm(self, state_dict: Mapping[str, Any]) -> threading.Thread | None:
         """Allocate the host buffers for this layout on a background thread."""
         if self._prewarm is not None and self._prewarm.is_alive():
             return self._prewarm
         layout = layout_of(state_dict)
-        if self.host.allocations and self.host._layout == layout:
+        pool = self.host if any(_local(t).is_cuda for _, t in _walk(state_dict)) else self.cpu_host
+        if pool.allocations and pool._layout == layout:
             return None
-        self._prewarm = threading.Thread(target=self._run_prewarm, args=(layout,),
+        self._prewarm = threading.Thread(target=self._run_prewarm, args=(pool, layout),
                                          name="asyncckpt-prewarm", daemon=True)
         self._prewarm.start()
         return self._prewarm
 
-    def _run_prewarm(self, layout: Layout) -> None:
+    def _run_prewarm(self, pool: BufferPool, layout: Layout) -> None:
         try:
-            self.host.prewarm(layout)
+            pool.prewarm(layout)
         except Exception as e:  # noqa: BLE001 - the first save allocates instead, and says why
             log.warning("prewarming staging buffers failed: %s", e)
 
@@ -314,11 +342,12 @@ class Stager:
         items = list(_walk(state_dict))
         layout = tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in items)
         nbytes = layout_bytes(layout) + _blob_bytes(state_dict)
-        path = self._path_for([t for _, t in items], nbytes)
+        path = self._path_for([t for _, t in items], layout, nbytes)
         if path == "device":
-            return self._stage_device(state_dict, items, layout, nbytes, on_wait)
-        host = self.host.acquire(layout, wait=on_wait)
-        staged = Staged({}, nbytes, mode=path, _releases=[lambda: self.host.release(host)])
+            return self._stage_device(state_dict, items, layout, nbytes, on_wait, deferrable)
+        pool = self.cpu_host if path == "cpu" else self.host
+        host = pool.acquire(layout, wait=on_wait)
+        staged = Staged({}, nbytes, mode=path, _releases=[lambda: pool.release(host)])
         if path == "cpu":
             for p, t in items:
                 host.buffers[p].copy_(_local(t).detach())
@@ -365,13 +394,23 @@ class Stager:
             current.wait_event(event)
 
     def _stage_device(self, state_dict: Mapping[str, Any], items: list[tuple[Path, torch.Tensor]],
-                      layout: Layout, nbytes: int, on_wait: Callable[[], None] | None) -> Staged:
+                      layout: Layout, nbytes: int, on_wait: Callable[[], None] | None,
+                      deferrable: Callable[[torch.Tensor], bool] | None = None) -> Staged:
         if self._device_pool is None:
             self._device_pool = BufferPool(device=torch.device("cuda", torch.cuda.current_device()),
                                            default_sets=1)
-        dev = self._device_pool.acquire(layout, wait=on_wait)
-        event = self._copy_on_side_stream(items, dev.buffers, deferrable)
         pool = self._device_pool
+        dev = pool.acquire(layout, wait=on_wait)
+        event = self._copy_on_side_stream(items, dev.buffers, deferrable)
+        gone = threading.Event()
+
+        def release_device_set() -> None:
+            # once, after the copies into it (and out of it, by finish) are done; also when
+            # the save fails before finish ran, or finish failed: the pool holds one set
+            if not gone.is_set():
+                gone.set()
+                event.synchronize()
+                pool.release(dev)
 
         def finish() -> None:
             # writer thread: device snapshot -> pinned host buffers, then free the GPU set
@@ -384,10 +423,10 @@ class Stager:
                 done = torch.cuda.Event()
                 done.record(self._side_stream())
             done.synchronize()
-            pool.release(dev)
+            release_device_set()
             staged.state_dict = _rebuild(state_dict, host.buffers)
 
-        staged = Staged({}, nbytes, mode="device", _finish=finish)
+        staged = Staged({}, nbytes, mode="device", _finish=finish, _releases=[release_device_set])
         return staged
 
 

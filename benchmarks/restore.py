@@ -34,8 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from stall import (add_common_args, build, chosen, dir_bytes, start, step,  # beside this file
-                   sync, torch_checkpointing_manager)
+from stall import (add_common_args, build, chosen, dir_bytes, release_memory, start,  # beside this file
+                   step, sync, torch_checkpointing_manager)
 
 from asyncckpt import CheckpointManager, TrainState
 
@@ -204,7 +204,14 @@ def main() -> None:
     device, params = "cuda" if torch.cuda.is_available() else "cpu", env["params"]
     rows = []
     for loader in loaders:
-        r = measure(loader, args, tmp, device)
+        release_memory()
+        try:
+            r = measure(loader, args, tmp, device)
+        except Exception as e:  # noqa: BLE001 - one loader failing must not lose the others
+            print(json.dumps({"method": loader.name, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            continue
+        finally:
+            loader.__dict__.clear()  # its model and optimizer: one state at a time on the GPU
         rows.append(r)
         print(json.dumps(r), flush=True)
     md = table(rows)

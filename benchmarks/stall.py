@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import shutil
@@ -76,9 +77,20 @@ def host_memory() -> dict[str, int]:
     except OSError:
         pass
     if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
-        stats = torch.cuda.host_memory_stats()
-        out["pinned_peak"] = int(stats.get("allocated_bytes.all.peak", stats.get("reserved_bytes.all.peak", 0)))
+        out["pinned_peak"] = int(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0))
     return out
+
+
+def release_memory() -> None:
+    """Give back what the last method left cached: GPU blocks, pinned host blocks, peaks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        for name in ("_host_emptyCache",):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+        if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+            torch.cuda.reset_peak_host_memory_stats()
 
 
 def dir_bytes(path: Path) -> int:
@@ -264,7 +276,9 @@ def measure(method: Method, args: argparse.Namespace, workdir: Path) -> dict[str
     guard = method.guard
     base = statistics.median(step(model, opt, x, guard) for _ in range(args.warmup))
     stalls, commits, during = [], [], []
+    nbytes = 0
     for i in range(args.saves):
+        before = set(root.iterdir())
         t0 = time.perf_counter()
         waiter = method.save(i)
         call = time.perf_counter() - t0
@@ -280,11 +294,14 @@ def measure(method: Method, args: argparse.Namespace, workdir: Path) -> dict[str
         during += follow[3:]
         stalls.append(call + extra)
         commits.append(done["t"] - t0)
+        made = set(root.iterdir()) - before          # this save's files: measured, then removed
+        nbytes += sum(dir_bytes(p) if p.is_dir() else p.stat().st_size for p in made)
+        for p in made:                               # (a 1 B-param state is 12 GB a save)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
         for _ in range(args.between):
             step(model, opt, x, guard)
     method.close()
     mem = host_memory()
-    nbytes = dir_bytes(root)
     shutil.rmtree(root, ignore_errors=True)
     later = stalls[1:] or stalls
     return {
@@ -355,7 +372,14 @@ def main() -> None:
     methods = chosen(methods, args.methods)
     rows = []
     for m in methods:
-        r = measure(m, args, tmp)
+        release_memory()
+        try:
+            r = measure(m, args, tmp)
+        except Exception as e:  # noqa: BLE001 - one method failing must not lose the others
+            print(json.dumps({"method": m.name, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            continue
+        finally:
+            m.__dict__.clear()  # its model, optimizer and buffers: one at a time on the GPU
         rows.append(r)
         print(json.dumps(r), flush=True)
     md = table(rows)

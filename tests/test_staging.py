@@ -160,6 +160,15 @@ def test_manager_prewarm_then_saves_never_allocate_again(tmp_path) -> None:
         assert mgr._stager.host.allocated_bytes <= 2 * layout_bytes(layout_of(state.tensors()))
 
 
+def test_pinned_footprint_counts_power_of_two_rounding_and_the_budget_error_says_so() -> None:
+    layout = layout_of({"a": torch.empty(3, 5), "b": torch.empty(1000), "e": torch.empty(0)})
+    assert BufferPool().footprint(layout) == 60 + 4000 == layout_bytes(layout)
+    assert BufferPool(pin=True).footprint(layout) == 64 + 4096      # as torch allocates pinned
+    with pytest.raises(ConfigError, match=r"pinned_memory_budget=4060 .*\(4160 bytes, each tensor's "
+                                          r"pinned buffer rounded up to a power of two\)"):
+        BufferPool(pin=True, budget_bytes=4060).acquire(layout)     # refused before allocating
+
+
 # -- GPU -------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -177,6 +186,25 @@ def test_gpu_snapshot_matches_values_at_save_time(mode: str) -> None:
         assert after[k].device.type == "cpu"
         assert torch.equal(after[k], before[k]), k
     staged.release()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_machine_stages_cpu_state_in_pageable_buffers_and_auto_keeps_its_choice() -> None:
+    stager = Stager(mode="auto")
+    for _ in range(2):
+        s = stager.stage(_state("cpu"))
+        s.wait_ready()
+        assert not any(t.is_pinned() for t in _flat(s.state_dict).values())
+        s.release()
+    assert stager.host.allocations == 0 and stager.cpu_host.allocations == 1
+    modes = []
+    for _ in range(3):
+        s = stager.stage(_state("cuda"))
+        s.wait_ready()
+        modes.append(s.mode)
+        s.release()
+    assert len(set(modes)) == 1 and modes[0] in ("device", "pinned")   # decided once per layout
 
 
 @pytest.mark.gpu
