@@ -30,7 +30,7 @@ from . import _dist
 from .codec import CodecOptions
 from .dcp_io import CheckpointWriter, unwrap_failures
 from .errors import AsyncCkptError, SaveError
-from .manifest import MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, step_dir_name
+from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, step_dir_name
 from .planner import PlannedSavePlanner, RankPlan, SavePlanner
 from .staging import Staged
 from .storage import Storage
