@@ -10,7 +10,7 @@ from pyflakes import api as pyflakes
 from pyflakes import messages
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = sorted(p for d in ("asyncckpt", "benchmarks", "examples") for p in (ROOT / d).rglob("*.py"))
+FILES = sorted(p for d in ("asyncckpt", "benchmarks", "examples", "tests") for p in (ROOT / d).rglob("*.py"))
 UNDEFINED = (messages.UndefinedName, messages.UndefinedLocal)  # not UndefinedExport: hf's lazy __all__
 
 
