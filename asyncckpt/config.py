@@ -67,7 +67,9 @@ class ManagerOptions:
     ``optimizer.step`` (hooked) and ``with mgr.guard():`` wait for them.  CUDA only."""
     pinned_memory_budget: int | None = None
     """Bytes of host staging buffers (pinned ones counted as torch allocates them, each
-    rounded up to a power of two); None: one copy of the state (two for CPU training)."""
+    rounded up to a power of two); None: one copy of the state (two for CPU training).
+    A state larger than this is not staged: ``save()`` writes it from the live tensors and
+    returns once it has committed (the stall grows, memory does not)."""
     on_error: str = "raise"
     """``"raise"``: a background failure is raised by the next call; ``"warn"``: logged only."""
     max_pending: int = 2

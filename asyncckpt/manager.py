@@ -248,6 +248,11 @@ class CheckpointManager:
             if self.world_size > 1:  # the other ranks' writers expect this save: fail it on all
                 self._pipeline.submit_failed(step, e)
             raise
+        if staged.mode == "direct":  # over pinned_memory_budget: nothing was copied
+            log.warning("step=%d rank=%d: one copy of the state is larger than "
+                        "pinned_memory_budget=%s bytes; saving the live tensors while training "
+                        "waits", step, self.rank, self.options.pinned_memory_budget)
+            blocking = True
         handle = SaveHandle(step)
         handle._set_staged(staged.bytes_staged, time.perf_counter() - started)
         manifest = Manifest(step=step, epoch=epoch, time=_utc_now(), metrics=metrics_f, tags=tags_t,

@@ -22,7 +22,9 @@ object blobs (already serialised by ``state.py``) shared as they are.
 The pool holds whole buffer sets for one state layout.  It allocates a set
 only while the budget allows (default: one set for pinned memory, two for
 pageable memory), so memory is bounded; when every set is still held by the
-writer, ``stage`` waits for one (backpressure).  ``prewarm`` allocates a set
+writer, ``stage`` waits for one (backpressure).  A state larger than the whole
+budget is not staged: the save writes its live tensors, one item at a time, and
+training waits for it (``mode="direct"``).  ``prewarm`` allocates a set
 ahead of the first save on a background thread.
 """
 
@@ -234,6 +236,8 @@ class Staged:
     state_dict: dict[str, Any]
     bytes_staged: int
     mode: str = "cpu"
+    """"cpu", "pinned", "device", or "direct": nothing copied, ``state_dict`` holds the live
+    tensors (over budget; the save must finish before training goes on)."""
     _event: Any = None
     _finish: Callable[[], None] | None = None
     _releases: list[Callable[[], None]] = field(default_factory=list)
@@ -314,7 +318,7 @@ class Stager:
             return self._prewarm
         layout = layout_of(state_dict)
         pool = self.host if any(_local(t).is_cuda for _, t in _walk(state_dict)) else self.cpu_host
-        if pool.allocations and pool._layout == layout:
+        if (pool.allocations and pool._layout == layout) or self.over_budget(state_dict, layout):
             return None
         self._prewarm = threading.Thread(target=self._run_prewarm, args=(pool, layout),
                                          name="asyncckpt-prewarm", daemon=True)
@@ -326,6 +330,15 @@ class Stager:
             pool.prewarm(layout)
         except Exception as e:  # noqa: BLE001 - the first save allocates instead, and says why
             log.warning("prewarming staging buffers failed: %s", e)
+
+    def over_budget(self, state_dict: Mapping[str, Any], layout: Layout | None = None) -> bool:
+        """Whether one copy of ``state_dict`` exceeds ``pinned_memory_budget``: then it is not
+        staged at all (``Staged.mode == "direct"``) and the save writes the live tensors,
+        one item at a time, while training waits (the stall grows, memory does not)."""
+        pool = self.host if any(_local(t).is_cuda for _, t in _walk(state_dict)) else self.cpu_host
+        if pool.budget_bytes is None:
+            return False
+        return pool.footprint(layout_of(state_dict) if layout is None else layout) > pool.budget_bytes
 
     # -- staging -----------------------------------------------------------------
     def stage(self, state_dict: Mapping[str, Any], *,
@@ -343,6 +356,8 @@ class Stager:
         layout = tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in items)
         nbytes = layout_bytes(layout) + _blob_bytes(state_dict)
         path = self._path_for([t for _, t in items], layout, nbytes)
+        if self.over_budget(state_dict, layout):
+            return Staged(dict(state_dict), 0, mode="direct")
         if path == "device":
             return self._stage_device(state_dict, items, layout, nbytes, on_wait, deferrable)
         pool = self.cpu_host if path == "cpu" else self.host

@@ -72,11 +72,38 @@ def test_two_sets_in_flight_then_reuse() -> None:
         s.release()
 
 
-def test_budget_smaller_than_one_copy_is_a_config_error() -> None:
+def test_budget_smaller_than_one_copy_stages_nothing_and_allocates_nothing() -> None:
     sd = _state()
     stager = Stager(budget_bytes=100)
+    assert stager.over_budget(sd) and stager.prewarm(sd) is None
+    staged = stager.stage(sd)
+    assert staged.mode == "direct" and staged.bytes_staged == 0
+    assert staged.state_dict["model/m"]["w"] is sd["model/m"]["w"]    # the live tensor itself
+    assert stager.host.allocations == 0 and stager.host.allocated_bytes == 0
     with pytest.raises(ConfigError, match="pinned_memory_budget=100 bytes is smaller"):
-        stager.stage(sd)
+        stager.host.acquire(layout_of(sd))                          # the pool itself refuses
+
+
+def test_manager_over_budget_saves_block_and_restore_exactly(tmp_path, caplog) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    state = TrainState(model=model, optimizer=opt)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    with CheckpointManager(tmp_path / "ck", pinned_memory_budget=1024) as mgr:
+        with caplog.at_level("WARNING", logger="asyncckpt"):
+            handle = mgr.save(1, state)
+        assert handle.committed(timeout=0) is True                   # done before save() returned
+        assert handle.bytes_staged == 0 and mgr._stager.host.allocated_bytes == 0
+        assert "larger than pinned_memory_budget=1024" in caplog.text
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        assert mgr.restore(state) == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])
@@ -272,3 +299,22 @@ def test_gpu_overlap_saves_values_from_before_the_next_step(tmp_path, staging: s
         assert torch.equal(v.cpu(), ref_model[k]), k
     for got, ref in zip((s["exp_avg"] for s in opt.state.values()), ref_avg):
         assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_over_budget_save_writes_live_cuda_tensors_and_pins_nothing(tmp_path) -> None:
+    model = torch.nn.Linear(256, 256).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 256, device="cuda")).sum().backward()
+    opt.step()
+    state = TrainState(model=model, optimizer=opt)
+    want = {k: v.cpu() for k, v in model.state_dict().items()}
+    with CheckpointManager(tmp_path / "ck", pinned_memory_budget=4096) as mgr:
+        handle = mgr.save(1, state)
+        assert handle.committed(timeout=0) is True and mgr._stager.host.allocated_bytes == 0
+        with torch.no_grad():
+            model.weight.mul_(-1)
+        assert mgr.restore(state) == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.cpu(), want[k]), k
