@@ -312,6 +312,7 @@ class CheckpointReader(StorageReader):
         self._lock = threading.Lock()
         self._bounces: dict[tuple[int, torch.device], Bounce] = {}
         self._after: Any = None
+        self._landed: list[tuple[Any, torch.Tensor]] = []
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -362,7 +363,8 @@ class CheckpointReader(StorageReader):
             per_file.setdefault(info.relative_path, []).append(req)
         jobs = list(per_file.items())
         # the caller's stream: device copies from the reading threads must follow its work
-        self._after = torch.cuda.current_stream() if torch.cuda.is_available() else None
+        # (no CUDA context yet means no CUDA targets: a CPU restore does not start one)
+        self._after = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
         try:
             with ThreadPoolExecutor(min(self.threads, max(1, len(jobs))),
                                     thread_name_prefix="asyncckpt-read") as pool:
@@ -371,6 +373,9 @@ class CheckpointReader(StorageReader):
             bounces, self._bounces = list(self._bounces.values()), {}
             for bounce in bounces:  # every device copy has landed before DCP goes on
                 bounce.finish()
+        landed, self._landed = self._landed, []
+        for req, target in landed:  # committed once their copies are on the device
+            planner.commit_tensor(req, target)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -402,8 +407,10 @@ class CheckpointReader(StorageReader):
                                              f"item {req.storage_index.fqn}")
             if target.is_cuda:  # pinned bounce buffers: pageable host-to-device copies crawl
                 self._bounce(target.device).copy(target, tensor)
-            else:
-                target.copy_(tensor)  # outside the lock: the reading threads copy in parallel
+                with self._lock:
+                    self._landed.append((req, target))  # committed after bounce.finish()
+                continue
+            target.copy_(tensor)  # outside the lock: the reading threads copy in parallel
             with self._lock:
                 planner.commit_tensor(req, target)
 

@@ -163,6 +163,7 @@ class CheckpointManager:
                                   guard=self._guard.check if self.rank == 0 else None,
                                   after_commit=self._after_commit if self.rank == 0 else None,
                                   on_failure=self.options.on_failure if self.rank == 0 else None)
+        self._warned_direct = False
         self.last_restore_report: _restore.RestoreReport | None = None
         """What the last ``restore()`` loaded, and the keys it found missing or unexpected."""
         self._closed = False
@@ -249,16 +250,18 @@ class CheckpointManager:
                 self._pipeline.submit_failed(step, e)
             raise
         if staged.mode == "direct":  # over pinned_memory_budget: nothing was copied
-            log.warning("step=%d rank=%d: one copy of the state is larger than "
-                        "pinned_memory_budget=%s bytes; saving the live tensors while training "
-                        "waits", step, self.rank, self.options.pinned_memory_budget)
-            blocking = True
+            (log.warning if not self._warned_direct else log.debug)(
+                "step=%d rank=%d: one copy of the state is larger than pinned_memory_budget=%s "
+                "bytes; saving the live tensors while training waits (every save of it will)",
+                step, self.rank, self.options.pinned_memory_budget)
+            self._warned_direct = blocking = True
         handle = SaveHandle(step)
         handle._set_staged(staged.bytes_staged, time.perf_counter() - started)
         manifest = Manifest(step=step, epoch=epoch, time=_utc_now(), metrics=metrics_f, tags=tags_t,
                             world_size=self.world_size, param_count=state.param_count(),
                             codec=self.options.compression, torch_version=torch.__version__,
-                            git_commit=self._git, host=self._host, device=self._device)
+                            git_commit=self._git, host=self._host, device=self._device,
+                            milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)))
         self._pipeline.submit(SaveJob(handle=handle, staged=staged, manifest=manifest,
                                       overwrite=overwrite, plan=plan))
         log.debug("step=%d rank=%d: staged %d bytes in %.3fs", step, self.rank,
@@ -321,6 +324,8 @@ class CheckpointManager:
             log.warning("step=%d rank=%d: %s: saving now and stopping (a second signal exits at once)",
                         step, self.rank, extra[-1])
         started = time.monotonic()
+        if decision is not None:  # before save(): its manifest records the milestones reached
+            st.mark_milestones(decision.milestones)
         handle = self.save(step, state, metrics=metrics, epoch=epoch, tags=[*tags, *extra])
         st.record_save(step, now, stall_s=time.monotonic() - started,
                        milestones=decision.milestones if decision else ())
@@ -688,15 +693,11 @@ class CheckpointManager:
     def _after_restore(self, m: Manifest, state: TrainState) -> None:
         milestones = tuple(self.schedule.param_milestones or ()) if self.schedule else ()
         if milestones:
-            # reached: up to the restored trainable count, or to the largest milestone tagged on
-            # the restored checkpoint or any committed one before it (the count may have been
-            # lower at the restored step, e.g. with layers frozen, than when the milestone fired)
-            tags = set(m.tags)
-            for other in list_committed(self.storage):
-                if other.step <= m.step:
-                    tags.update(other.tags)
-            top = max([state.trainable_param_count(),
-                       *(ms for ms in milestones if f"milestone:{format_params(ms)}" in tags)])
+            # reached: what the manifest records, up to the restored trainable count, or up to
+            # the largest milestone tagged on it (manifests written before milestones_reached);
+            # the count may be lower now than when a milestone fired, e.g. with layers frozen
+            top = max([state.trainable_param_count(), *m.milestones_reached,
+                       *(ms for ms in milestones if f"milestone:{format_params(ms)}" in m.tags)])
             self._schedule_state.mark_milestones(ms for ms in milestones if ms <= top)
         self._schedule_state.record_save(m.step, time.monotonic())
         self._prewarm_staging(state)

@@ -91,6 +91,8 @@ class Manifest:
     git_commit: str | None = None
     host: str = ""
     device: str = ""
+    milestones_reached: tuple[int, ...] = ()
+    """Parameter-count milestones the run had reached by this save (restarts remember them)."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -115,6 +117,7 @@ class Manifest:
             "git_commit": self.git_commit,
             "host": self.host,
             "device": self.device,
+            "milestones_reached": list(self.milestones_reached),
             "files": [f.to_dict() for f in self.files],
         }
 
@@ -192,9 +195,19 @@ def _parse(raw: dict[str, Any], source: str) -> Manifest:
             git_commit=raw.get("git_commit"),
             host=str(raw.get("host") or ""),
             device=str(raw.get("device") or ""),
+            milestones_reached=tuple(sorted(_milestone_list(raw.get("milestones_reached")))),
         )
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CorruptCheckpointError(source, "a valid manifest", "malformed field", str(e)) from e
+
+
+def _milestone_list(v: Any) -> list[int]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                          for x in v):
+        raise ValueError(f"milestones_reached must be a list of positive integers, got {v!r}")
+    return v
 
 
 def _opt_int(v: Any) -> int | None:

@@ -107,7 +107,15 @@ Layout = tuple[tuple[Path, Spec], ...]
 
 
 def layout_of(state_dict: Mapping[str, Any]) -> Layout:
-    return tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in _walk(state_dict))
+    return _layout(list(_walk(state_dict)))
+
+
+def _layout(items: list[tuple[Path, torch.Tensor]]) -> Layout:
+    return tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in items)
+
+
+def _any_cuda(items: list[tuple[Path, torch.Tensor]]) -> bool:
+    return any(_local(t).is_cuda for _, t in items)
 
 
 def layout_bytes(layout: Layout) -> int:
@@ -193,14 +201,13 @@ class BufferPool:
     def _switch_layout(self, layout: Layout) -> None:
         if self._layout is not None:
             log.info("state layout changed; dropping %d idle buffer set(s)", len(self._free))
-        for b in self._free:
-            self._allocated_bytes -= b.nbytes
         dropped, self._free = self._free, []
+        self._allocated_bytes -= sum(d.nbytes for d in dropped)
         self._layout = layout
         if dropped and self.pin:
-            del dropped
+            del dropped  # the last reference: the buffers go back to torch's pinned cache
             empty_cache = getattr(torch._C, "_host_emptyCache", None)
-            if empty_cache is not None:  # give the dropped pinned sets back to the system
+            if empty_cache is not None:  # and from there back to the system
                 empty_cache()
 
     def _allocate(self, layout: Layout, set_bytes: int) -> BufferSet:
@@ -227,6 +234,11 @@ class BufferPool:
         """Allocate one set for ``layout`` now (call from a background thread)."""
         buf = self.acquire(layout)
         self.release(buf)
+
+
+def _exceeds(pool: BufferPool, layout: Layout) -> bool:
+    """One set for ``layout`` is larger than the pool's whole budget."""
+    return pool.budget_bytes is not None and pool.footprint(layout) > pool.budget_bytes
 
 
 @dataclass
@@ -272,7 +284,8 @@ class Stager:
         self.host = BufferPool(pin=cuda, budget_bytes=budget_bytes,
                                default_sets=1 if cuda else pageable_sets)
         """Host buffers of CUDA state (pinned) or, without CUDA, of all state (pageable)."""
-        self.cpu_host = BufferPool(default_sets=pageable_sets) if cuda else self.host
+        self.cpu_host = (BufferPool(budget_bytes=budget_bytes, default_sets=pageable_sets)
+                         if cuda else self.host)
         """Host buffers of CPU state: pageable, never pinned (no device copy reads them)."""
         self._device_pool: BufferPool | None = None
         self._stream: Any = None
@@ -282,8 +295,12 @@ class Stager:
         self._auto: tuple[Layout, str] | None = None
 
     # -- choosing a path ---------------------------------------------------------
-    def _path_for(self, tensors: list[torch.Tensor], layout: Layout, nbytes: int) -> str:
-        if not any(_local(t).is_cuda for t in tensors):
+    def _pool_for(self, cuda: bool) -> BufferPool:
+        """The host pool for a state with (pinned) or without (pageable) CUDA tensors."""
+        return self.host if cuda else self.cpu_host
+
+    def _path_for(self, cuda: bool, layout: Layout, nbytes: int) -> str:
+        if not cuda:
             return "cpu"
         if self.mode == "device":
             return "device"
@@ -316,9 +333,9 @@ class Stager:
         """Allocate the host buffers for this layout on a background thread."""
         if self._prewarm is not None and self._prewarm.is_alive():
             return self._prewarm
-        layout = layout_of(state_dict)
-        pool = self.host if any(_local(t).is_cuda for _, t in _walk(state_dict)) else self.cpu_host
-        if (pool.allocations and pool._layout == layout) or self.over_budget(state_dict, layout):
+        items = list(_walk(state_dict))
+        layout, pool = _layout(items), self._pool_for(_any_cuda(items))
+        if (pool.allocations and pool._layout == layout) or _exceeds(pool, layout):
             return None
         self._prewarm = threading.Thread(target=self._run_prewarm, args=(pool, layout),
                                          name="asyncckpt-prewarm", daemon=True)
@@ -331,14 +348,12 @@ class Stager:
         except Exception as e:  # noqa: BLE001 - the first save allocates instead, and says why
             log.warning("prewarming staging buffers failed: %s", e)
 
-    def over_budget(self, state_dict: Mapping[str, Any], layout: Layout | None = None) -> bool:
+    def over_budget(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether one copy of ``state_dict`` exceeds ``pinned_memory_budget``: then it is not
         staged at all (``Staged.mode == "direct"``) and the save writes the live tensors,
         one item at a time, while training waits (the stall grows, memory does not)."""
-        pool = self.host if any(_local(t).is_cuda for _, t in _walk(state_dict)) else self.cpu_host
-        if pool.budget_bytes is None:
-            return False
-        return pool.footprint(layout_of(state_dict) if layout is None else layout) > pool.budget_bytes
+        items = list(_walk(state_dict))
+        return _exceeds(self._pool_for(_any_cuda(items)), _layout(items))
 
     # -- staging -----------------------------------------------------------------
     def stage(self, state_dict: Mapping[str, Any], *,
@@ -353,14 +368,14 @@ class Stager:
         Every other tensor's copy is fenced at once.
         """
         items = list(_walk(state_dict))
-        layout = tuple((p, Spec(tuple(_local(t).shape), t.dtype)) for p, t in items)
-        nbytes = layout_bytes(layout) + _blob_bytes(state_dict)
-        path = self._path_for([t for _, t in items], layout, nbytes)
-        if self.over_budget(state_dict, layout):
+        layout, cuda = _layout(items), _any_cuda(items)
+        pool = self._pool_for(cuda)
+        if _exceeds(pool, layout):
             return Staged(dict(state_dict), 0, mode="direct")
+        nbytes = layout_bytes(layout) + _blob_bytes(state_dict)
+        path = self._path_for(cuda, layout, nbytes)
         if path == "device":
             return self._stage_device(state_dict, items, layout, nbytes, on_wait, deferrable)
-        pool = self.cpu_host if path == "cpu" else self.host
         host = pool.acquire(layout, wait=on_wait)
         staged = Staged({}, nbytes, mode=path, _releases=[lambda: pool.release(host)])
         if path == "cpu":

@@ -19,7 +19,6 @@ lines and a markdown table; with --out, writes RESTORE.md there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,8 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from stall import (add_common_args, build, chosen, dir_bytes, release_memory, start,  # beside this file
-                   step, sync, torch_checkpointing_manager)
+from stall import (add_common_args, build, chosen, dir_bytes, run_all, start, step,  # beside this file
+                   sync, torch_checkpointing_manager)
 
 from asyncckpt import CheckpointManager, TrainState
 
@@ -156,6 +155,15 @@ def measure(loader: Loader, args: argparse.Namespace, workdir: Path, device: str
     model, opt, x = build(args.params, device)
     step(model, opt, x)
     loader.setup(root, model, opt)
+    try:
+        return _timed_loads(loader, args, root, model, opt)
+    finally:
+        loader.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _timed_loads(loader: Loader, args: argparse.Namespace, root: Path, model: nn.Module,
+                 opt: torch.optim.Optimizer) -> dict[str, Any]:
     loader.save()
     want = fingerprint(model, opt)
     times, dropped = [], []
@@ -168,11 +176,9 @@ def measure(loader: Loader, args: argparse.Namespace, workdir: Path, device: str
         sync()
         times.append(time.perf_counter() - t0)
         if fingerprint(model, opt) != want:
-            raise SystemExit(f"{loader.name}: the restored state differs from the saved one")
-    loader.close()
+            raise RuntimeError(f"{loader.name}: the restored state differs from the saved one")
     nbytes = dir_bytes(root)
     state_bytes = sum(p.numel() * p.element_size() * 3 for p in model.parameters())
-    shutil.rmtree(root, ignore_errors=True)
     return {"method": loader.name, "first_s": times[0], "median_s": statistics.median(times),
             "gb_per_s": state_bytes / statistics.median(times) / 1e9, "bytes_on_disk": nbytes,
             "page_cache": "dropped" if all(dropped) else "warm"}
@@ -202,18 +208,7 @@ def main() -> None:
         print("torch_checkpointing not installed: skipped", file=sys.stderr)
     loaders = chosen(loaders, args.methods)
     device, params = "cuda" if torch.cuda.is_available() else "cpu", env["params"]
-    rows = []
-    for loader in loaders:
-        release_memory()
-        try:
-            r = measure(loader, args, tmp, device)
-        except Exception as e:  # noqa: BLE001 - one loader failing must not lose the others
-            print(json.dumps({"method": loader.name, "error": f"{type(e).__name__}: {e}"}), flush=True)
-            continue
-        finally:
-            loader.__dict__.clear()  # its model and optimizer: one state at a time on the GPU
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+    rows = run_all(loaders, lambda loader: measure(loader, args, tmp, device))
     md = table(rows)
     print(md)
     if args.out:
@@ -221,7 +216,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "RESTORE.md").write_text(
             f"# Restore benchmark\n\n{env['device']}, torch {env['torch']}, {params / 1e6:.1f} M fp32 "
-            f"parameters + AdamW ({params * 16 / 1e9:.2f} GB of state), {env['date']}.\n"
+            f"parameters + AdamW ({params * 12 / 1e9:.2f} GB of state), {env['date']}.\n"
             f"Command: `python {' '.join(sys.argv)}`\n\n{md}\n")
     dist.destroy_process_group()
     if args.workdir is None:

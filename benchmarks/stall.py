@@ -86,9 +86,9 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        for name in ("_host_emptyCache",):
-            if hasattr(torch._C, name):
-                getattr(torch._C, name)()
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host_cache is not None:
+            empty_host_cache()
         if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
             torch.cuda.reset_peak_host_memory_stats()
 
@@ -273,6 +273,15 @@ def measure(method: Method, args: argparse.Namespace, workdir: Path) -> dict[str
     root = workdir / method.name.replace(" ", "_").replace("(", "").replace(")", "")
     root.mkdir(parents=True, exist_ok=True)
     method.setup(root, model, opt)
+    try:
+        return _timed_saves(method, args, root, model, opt, x)
+    finally:
+        method.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _timed_saves(method: Method, args: argparse.Namespace, root: Path, model: nn.Module,
+                 opt: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, Any]:
     guard = method.guard
     base = statistics.median(step(model, opt, x, guard) for _ in range(args.warmup))
     stalls, commits, during = [], [], []
@@ -300,9 +309,7 @@ def measure(method: Method, args: argparse.Namespace, workdir: Path) -> dict[str
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         for _ in range(args.between):
             step(model, opt, x, guard)
-    method.close()
     mem = host_memory()
-    shutil.rmtree(root, ignore_errors=True)
     later = stalls[1:] or stalls
     return {
         "method": method.name, "first_stall_s": round(stalls[0], 5),
@@ -323,9 +330,27 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_all(methods: list[Any], measure_one: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measure each method in turn, printing a JSON line each; one failing (an error line)
+    does not lose the others, and each one's model and buffers are gone before the next."""
+    rows = []
+    for m in methods:
+        release_memory()
+        try:
+            rows.append(measure_one(m))
+            print(json.dumps(rows[-1]), flush=True)
+        except Exception as e:  # noqa: BLE001 - reported, and the run goes on
+            print(json.dumps({"method": m.name, "error": f"{type(e).__name__}: {e}"}), flush=True)
+        finally:
+            name = m.name
+            m.__dict__.clear()  # its model, optimizer and buffers: one method at a time on the GPU
+            m.name = name
+    return rows
+
+
 def add_common_args(p: argparse.ArgumentParser, out_help: str) -> None:
     """The options every benchmark here shares: model size, method subset, folders."""
-    p.add_argument("--params", type=float, default=2e7, help="model parameters (fp32 + AdamW = 16 B each)")
+    p.add_argument("--params", type=float, default=2e7, help="model parameters (fp32 + AdamW = 12 B each)")
     p.add_argument("--methods", default="all", help="comma-separated subset of method names")
     p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temp dir)")
     p.add_argument("--out", default=None, help=out_help)
@@ -370,24 +395,13 @@ def main() -> None:
         except ImportError:
             print(f"{module} not installed: skipped", file=sys.stderr)
     methods = chosen(methods, args.methods)
-    rows = []
-    for m in methods:
-        release_memory()
-        try:
-            r = measure(m, args, tmp)
-        except Exception as e:  # noqa: BLE001 - one method failing must not lose the others
-            print(json.dumps({"method": m.name, "error": f"{type(e).__name__}: {e}"}), flush=True)
-            continue
-        finally:
-            m.__dict__.clear()  # its model, optimizer and buffers: one at a time on the GPU
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+    rows = run_all(methods, lambda m: measure(m, args, tmp))
     md = table(rows)
     print(md)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        state_gb = env["params"] * 16 / 1e9
+        state_gb = env["params"] * 12 / 1e9
         (out / "RESULTS.md").write_text(
             f"# Stall benchmark\n\n{env['device']}, torch {env['torch']}, {env['params'] / 1e6:.1f} M fp32 "
             f"parameters + AdamW ({state_gb:.2f} GB of state), {env['date']}.\n"

@@ -43,7 +43,9 @@ manifests = st.builds(
     files=st.lists(file_entries, max_size=5).map(tuple), param_count=st.integers(0, 10**12),
     codec=st.sampled_from([None, "zstd"]), torch_version=texts,
     git_commit=st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
-    host=texts, device=texts)
+    host=texts, device=texts,
+    milestones_reached=st.lists(st.integers(1, 10**13), unique=True, max_size=4).map(
+        lambda xs: tuple(sorted(xs))))
 
 
 @settings(max_examples=200, deadline=None)
@@ -158,6 +160,8 @@ _DROP = object()
     (_raw(metrics={"loss": "low"}), "low"),
     (_raw(metrics=[1.0, 2.0]), "malformed"),
     (_raw(tags=5), "malformed"),
+    (_raw(milestones_reached=[0]), "milestones_reached"),
+    (_raw(milestones_reached="1B"), "milestones_reached"),
 ])
 def test_malformed_manifest_names_its_source(text, detail):
     with pytest.raises(CorruptCheckpointError) as ei:

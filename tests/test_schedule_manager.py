@@ -126,6 +126,8 @@ def test_milestone_passed_before_a_later_plain_save_is_not_saved_again_after_res
             layer.requires_grad_(True)
         assert mgr.maybe_save(6, frozen) is None
         assert sorted(_committed(mgr)) == [1, 5]
+    raw = json.loads((tmp_path / "ckpt" / "step-0000000005" / "manifest.json").read_text())
+    assert raw["milestones_reached"] == [1000]                 # step 5 remembers step 1's milestone
 
 
 def test_auto_mode_saves_at_the_measured_interval(tmp_path: Path, clock: FakeTime,
