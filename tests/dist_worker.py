@@ -200,14 +200,26 @@ def main2(out: dict[str, Any], folder: Path) -> None:
         out["diff_2"] = max_diff(full_state(model, opt), expected_2)
         out["rng_exact"] = torch.rand(4).tolist() == expected_rng
         out["loader_exact"] = next(iter(dl))[0].tolist() == expected_batch
-    # staging fails on rank 1 only (its staging budget is too small): the save fails on both
+    # rank 1's staging budget is smaller than its share: it saves its live tensors while
+    # its save() waits, rank 0 stages as usual; the checkpoint commits on both
     budget = 1000 if rank == 1 else None
     with CheckpointManager(folder / "ddp2b", pinned_memory_budget=budget) as mgr:
+        h = mgr.save(1, state)
+        out["direct_committed_on_return"] = h.committed(timeout=0)
+        h.result()
+        mgr.wait()
+        out["direct_listed"] = [i.step for i in mgr.list()]
+    # staging fails on rank 1 only (its buffer allocation fails): the save fails on both
+    with CheckpointManager(folder / "ddp2c") as mgr:
+        if rank == 1:
+            def no_memory(*_: object) -> None:
+                raise MemoryError("injected: allocating the staging buffers failed")
+            mgr._stager.cpu_host._allocate = no_memory  # type: ignore[method-assign]
         try:
             h = mgr.save(1, state)
             h.result()
             out["stage_fault"] = None
-        except (SaveError, ConfigError) as e:
+        except (SaveError, ConfigError, MemoryError) as e:
             out["stage_fault"] = type(e).__name__
         try:
             mgr.wait()

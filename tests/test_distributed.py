@@ -137,9 +137,17 @@ def test_failure_on_one_rank_leaves_the_checkpoint_invisible_on_every_rank(runs:
 @pytest.mark.dist
 def test_staging_failure_on_one_rank_fails_the_save_on_every_rank(runs: dict[str, Any]) -> None:
     r0, r1 = runs["main2"]
-    assert r1["stage_fault"] == "ConfigError"  # rank 1's own error, raised by its save()
+    assert r1["stage_fault"] == "MemoryError"  # rank 1's own error, raised by its save()
     assert r0["stage_fault"] == "SaveError"  # rank 0 hears of it; nobody hangs
     assert r0["stage_fault_listed"] == r1["stage_fault_listed"] == []
+
+
+@pytest.mark.dist
+def test_one_rank_over_its_staging_budget_saves_directly_and_the_checkpoint_commits(
+        runs: dict[str, Any]) -> None:
+    r0, r1 = runs["main2"]
+    assert r1["direct_committed_on_return"] is True   # its save() waited for the commit
+    assert r0["direct_listed"] == r1["direct_listed"] == [1]
 
 
 @pytest.mark.dist
