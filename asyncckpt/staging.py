@@ -409,8 +409,8 @@ class Stager:
                 if batch is now:
                     current.wait_event(event)
         if later:
-            with self._fence_lock:
-                self._pending.append(event)
+            with self._fence_lock:  # the newest only: the side stream runs the copies in order,
+                self._pending = [event]  # so it covers every earlier save's (no growth without steps)
         return event
 
     def fence(self) -> None:
