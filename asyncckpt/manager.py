@@ -327,8 +327,7 @@ class CheckpointManager:
         if decision is not None:  # before save(): its manifest records the milestones reached
             st.mark_milestones(decision.milestones)
         handle = self.save(step, state, metrics=metrics, epoch=epoch, tags=[*tags, *extra])
-        st.record_save(step, now, stall_s=time.monotonic() - started,
-                       milestones=decision.milestones if decision else ())
+        st.record_save(step, now, stall_s=time.monotonic() - started)  # milestones marked above
         self._last_handle = handle
         if signalled:
             self._stop_after(handle)

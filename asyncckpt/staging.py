@@ -289,7 +289,9 @@ class Stager:
         """Host buffers of CPU state: pageable, never pinned (no device copy reads them)."""
         self._device_pool: BufferPool | None = None
         self._stream: Any = None
-        self._pending: list[Any] = []
+        self._pending: Any = None
+        """The newest deferred copies' event: the side stream runs copies in order, so
+        waiting for it covers every earlier save's (``fence``)."""
         self._fence_lock = threading.Lock()
         self._prewarm: threading.Thread | None = None
         self._auto: tuple[Layout, str] | None = None
@@ -409,19 +411,18 @@ class Stager:
                 if batch is now:
                     current.wait_event(event)
         if later:
-            with self._fence_lock:  # the newest only: the side stream runs the copies in order,
-                self._pending = [event]  # so it covers every earlier save's (no growth without steps)
+            with self._fence_lock:
+                self._pending = event
         return event
 
     def fence(self) -> None:
         """Make the current stream wait for deferred copies (a GPU-side wait; cheap)."""
-        if not self._pending:
+        if self._pending is None:
             return
         with self._fence_lock:
-            events, self._pending = self._pending, []
-        current = torch.cuda.current_stream()
-        for event in events:
-            current.wait_event(event)
+            event, self._pending = self._pending, None
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
     def _stage_device(self, state_dict: Mapping[str, Any], items: list[tuple[Path, torch.Tensor]],
                       layout: Layout, nbytes: int, on_wait: Callable[[], None] | None,
