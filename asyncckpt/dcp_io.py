@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch.futures import Future
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
@@ -45,6 +44,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from . import codec as _codec
+from ._torch_compat import _StorageInfo, _StoragePrefix, _create_read_items
 from .errors import AsyncCkptError, CorruptCheckpointError, UnsafeCheckpointError
 from .bounce import Bounce
 from .manifest import FileEntry
@@ -504,8 +504,6 @@ class _BytesPlanner(LoadPlanner):
         self.metadata = metadata
 
     def create_local_plan(self) -> LoadPlan:
-        from torch.distributed.checkpoint.planner_helpers import _create_read_items
-
         assert self.metadata is not None
         return LoadPlan([item for key, target in self.targets.items() for item in
                          _create_read_items(key, self.metadata.state_dict_metadata[key], target)])

@@ -46,17 +46,9 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.utils import find_state_dict_object
 
+from ._torch_compat import flatten_state_dict, global_plan_problems, set_element
 from .errors import CorruptCheckpointError, SaveError, UnsafeCheckpointError
 
-try:
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict, set_element
-except ImportError:  # pragma: no cover
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # type: ignore[no-redef]
-    from torch.distributed.checkpoint._traverse import set_element  # type: ignore[no-redef]
-try:
-    from torch.distributed.checkpoint.default_planner import _validate_global_plan
-except ImportError:  # pragma: no cover - older torch: DCP validates inside its own planner only
-    _validate_global_plan = None
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +132,9 @@ def _global_plan(all_plans: list[SavePlan], rank: int) -> RankPlan:
     plans, metadata = create_default_global_save_plan(balance_plans(all_plans))
     mappings = dict(ChainMap(*[p.planner_data for p in plans if p.planner_data]))
     metadata = dataclasses.replace(metadata, planner_data=mappings)
-    if _validate_global_plan is not None:
-        problems = _validate_global_plan(plans, metadata)
-        if problems:
-            raise ValueError(f"invalid global save plan: {'; '.join(problems)[:500]}")
+    problems = global_plan_problems(plans, metadata)
+    if problems:
+        raise ValueError(f"invalid global save plan: {'; '.join(problems)[:500]}")
     return RankPlan(rank, tuple(plans), metadata)
 
 

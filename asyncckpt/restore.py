@@ -27,11 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-try:
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-except ImportError:  # pragma: no cover
-    from torch.distributed.checkpoint._traverse import flatten_state_dict  # type: ignore[no-redef]
-
+from ._torch_compat import flatten_state_dict
 from .dcp_io import METADATA_NAME, CheckpointReader, reraise_own
 from .errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from .manifest import MANIFEST_NAME, Manifest, step_dir_name

@@ -39,14 +39,10 @@ from typing import Any
 
 import torch
 
+from ._torch_compat import DTensor, empty_host_cache
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - very old torch
-    DTensor = ()  # type: ignore[assignment,misc]
 
 MODES = ("auto", "pinned", "device")
 _DEVICE_MARGIN_BYTES = 2 << 30
@@ -206,9 +202,7 @@ class BufferPool:
         self._layout = layout
         if dropped and self.pin:
             del dropped  # the last reference: the buffers go back to torch's pinned cache
-            empty_cache = getattr(torch._C, "_host_emptyCache", None)
-            if empty_cache is not None:  # and from there back to the system
-                empty_cache()
+            empty_host_cache()  # and from there back to the system
 
     def _allocate(self, layout: Layout, set_bytes: int) -> BufferSet:
         buffers = {p: torch.empty(s.shape, dtype=s.dtype, device=self.device, pin_memory=self.pin)

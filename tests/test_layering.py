@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "asyncckpt"
 LAYER = {
     "errors": 0,
     "retention": 1, "schedule": 1, "manifest": 1, "config": 1,
-    "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
+    "_torch_compat": 2, "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
     "multipart": 2,
     "storage": 3, "dcp_io": 3, "lease": 3,
     "pipeline": 4, "restore": 4, "mirror": 4, "release": 4,
@@ -23,6 +23,7 @@ LAYER = {
 }
 # Same-layer imports the design names explicitly.
 ALLOWED_SAME_LAYER = {("config", "retention"), ("config", "schedule"), ("dcp_io", "storage"),
+                      ("planner", "_torch_compat"), ("staging", "_torch_compat"),
                       ("lease", "storage"),
                       ("__main__", "cli")}
 PURE = ["errors", "retention", "schedule", "manifest", "config"]
