@@ -13,7 +13,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #     zstandard torchdata==0.11.0 torch-checkpointing==0.1.1 torchsnapshot==0.1.0 \
-#     importlib-metadata nest-asyncio
+#     importlib-metadata==8.7.0 nest-asyncio
 # Logs and results go to $OUT (or benchmarks/out).  PARAMS overrides the model size.
 set -uo pipefail
 cd "$(dirname "$0")/.."

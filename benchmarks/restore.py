@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from stall import (add_common_args, build, chosen, dir_bytes, run_all, start, step,  # beside this file
+from stall import (add_common_args, add_peers, build, chosen, dir_bytes, run_all, start, step,  # beside this file
                    sync, torch_checkpointing_manager)
 
 from asyncckpt import CheckpointManager, TrainState
@@ -201,11 +201,7 @@ def main() -> None:
 
     tmp, env = start(args, "asyncckpt-restore-")
     loaders: list[Loader] = [Asyncckpt("zstd"), Asyncckpt(None), DcpLoad(), TorchLoad()]
-    try:
-        __import__("torch_checkpointing")
-        loaders.append(TorchCheckpointing())
-    except ImportError:
-        print("torch_checkpointing not installed: skipped", file=sys.stderr)
+    add_peers(loaders, [(TorchCheckpointing(), "torch_checkpointing", "torch-checkpointing")], before_last=False)
     loaders = chosen(loaders, args.methods)
     device, params = "cuda" if torch.cuda.is_available() else "cpu", env["params"]
     rows = run_all(loaders, lambda loader: measure(loader, args, tmp, device))

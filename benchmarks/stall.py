@@ -369,6 +369,43 @@ def start(args: argparse.Namespace, prefix: str) -> tuple[Path, dict[str, Any]]:
     return tmp, env
 
 
+def peer_unusable(module: str, dist_name: str) -> str | None:
+    """Why a peer package cannot run with this torch (None when it can): not installed,
+    a torch requirement this torch does not meet, or an import that fails."""
+    from importlib import metadata
+
+    try:
+        needs = [r for r in metadata.requires(dist_name) or [] if r.split(";")[0].strip().startswith("torch")
+                 and "extra ==" not in r]
+    except metadata.PackageNotFoundError:
+        return f"{dist_name} not installed"
+    try:
+        from packaging.requirements import Requirement
+        from packaging.version import Version
+        here = Version(torch.__version__.split("+")[0])
+        for spec in needs:
+            req = Requirement(spec)
+            if req.name == "torch" and not req.specifier.contains(here, prereleases=True):
+                return f"{dist_name} needs {req}, this is torch {torch.__version__}"
+    except ImportError:
+        pass  # no packaging module: the import below is the only check
+    try:
+        __import__(module)
+    except Exception as e:  # noqa: BLE001 - any failure to import leaves the peer out, with its reason
+        return f"{dist_name} does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def add_peers(methods: list[Any], peers: list[tuple[Any, str, str]], before_last: bool = True) -> None:
+    """Add each peer (method, module, distribution) that can run here; print why any cannot."""
+    for method, module, dist_name in peers:
+        why = peer_unusable(module, dist_name)
+        if why is None:
+            methods.insert(len(methods) - 1 if before_last else len(methods), method)
+        else:
+            print(f"{method.name}: left out of this run: {why}", file=sys.stderr, flush=True)
+
+
 def chosen(methods: list[Any], spec: str) -> list[Any]:
     """The methods named in ``--methods`` (all for "all")."""
     return methods if spec == "all" else [m for m in methods if m.name in set(spec.split(","))]
@@ -388,12 +425,8 @@ def main() -> None:
                              Asyncckpt("pinned", None), Asyncckpt("pinned", "zstd"), CopyLimit()]
     if torch.cuda.is_available():
         methods.insert(6, Asyncckpt("device", None))
-    for optional, module in ((TorchCheckpointing(), "torch_checkpointing"), (TorchSnapshot(), "torchsnapshot")):
-        try:
-            __import__(module)
-            methods.insert(-1, optional)
-        except ImportError:
-            print(f"{module} not installed: skipped", file=sys.stderr)
+    add_peers(methods, [(TorchCheckpointing(), "torch_checkpointing", "torch-checkpointing"),
+                        (TorchSnapshot(), "torchsnapshot", "torchsnapshot")])
     methods = chosen(methods, args.methods)
     rows = run_all(methods, lambda m: measure(m, args, tmp))
     md = table(rows)

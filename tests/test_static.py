@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pyflakes import api as pyflakes
-from pyflakes import messages
+
+pyflakes = pytest.importorskip("pyflakes.api", reason="pyflakes comes with the dev extra; the GPU machine lacks it")
+messages = pytest.importorskip("pyflakes.messages")
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted(p for d in ("asyncckpt", "benchmarks", "examples", "tests") for p in (ROOT / d).rglob("*.py"))
