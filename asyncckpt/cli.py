@@ -20,6 +20,7 @@ from typing import Any
 from .errors import AsyncCkptError, ConfigError, CorruptCheckpointError, LeaseError
 from .lease import live_holder
 from .manifest import MANIFEST_NAME, CheckpointInfo, parse_step_dir, select, step_dir_name
+from .quarantine import checked_plan, list_quarantined, quarantine, retire_expired
 from .retention import Retention
 from .storage import Storage, delete_checkpoint, list_committed, read_manifest, verify_files
 
@@ -76,15 +77,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)),
                                           (f"best:{args.metric}",) if m.step == best else ())
              for m in manifests]
+    aside = list_quarantined(storage) if args.all else []
     if args.json:
-        print(json.dumps([i.to_dict() for i in infos], indent=1))
+        rows_json: list[dict[str, Any]] = [i.to_dict() for i in infos]
+        if args.all:
+            rows_json += [{**q.to_dict(), "quarantined": True} for q in aside]
+        print(json.dumps(rows_json, indent=1))
         return 0
-    if not infos:
+    if not infos and not aside:
         print(f"no committed checkpoints under {storage.url}")
         return 0
     rows = [[str(i.step), "" if i.epoch is None else str(i.epoch), i.time, _human(i.bytes),
              ",".join(i.tags), " ".join(f"{k}={v:.6g}" for k, v in sorted(i.metrics.items()))]
             for i in infos]
+    rows += [[str(q.step), "", q.time, "", "quarantined", q.reason[:100]] for q in aside]
     print(_table(rows, ["step", "epoch", "time", "size", "tags", "metrics"]))
     return 0
 
@@ -108,14 +114,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for step, manifest in manifests.items():
             report[step] = verify_files(storage.child(step_dir_name(step)), manifest, bar.update)
     bad = {s: p for s, p in report.items() if p}
+    aside = [q for q in list_quarantined(storage) if args.step is None or q.step == args.step]
     if args.json:
-        print(json.dumps({"ok": not bad, "checked": sorted(report), "problems": bad}, indent=1))
+        print(json.dumps({"ok": not bad, "checked": sorted(report), "problems": bad,
+                          "quarantined": [q.to_dict() for q in aside]}, indent=1))
     else:
         for step, problems in sorted(report.items()):
             print(f"step {step}: {'ok' if not problems else 'DAMAGED'}")
             for p in problems:
                 print(f"  {p}")
-        if not report:
+        for q in aside:  # set aside already: not a failed check
+            print(f"step {q.step}: quarantined at {q.url} ({q.time}): {q.reason}")
+        if not report and not aside:
             print(f"no committed checkpoints under {storage.url}")
     return 1 if bad else 0
 
@@ -130,16 +140,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.ignore_lease and (holder := live_holder(storage)) is not None:
         raise LeaseError(f"{storage.url} is being written by a running job ({holder.describe()}); "
                          "its manager prunes by its own retention. Pass --ignore-lease to prune anyway")
-    plan = policy.plan(with_release_tags(storage, list_committed(storage)))
+    plan, damaged = checked_plan(storage, policy, with_release_tags(storage, list_committed(storage)),
+                                 deep=not args.no_verify)
+    for step, problems in damaged.items():
+        verb = "would be quarantined" if args.dry_run else "quarantined"
+        print(f"step {step}: DAMAGED, {verb} and not kept: {'; '.join(problems)}", file=sys.stderr)
     if plan.missing_metric:
         steps = sorted({s for s, _ in plan.missing_metric})
         print(f"warning: {len(steps)} checkpoint(s) have no value of --metric {args.metric!r} "
               f"(steps {steps}); kept only by the other rules", file=sys.stderr)
     if not args.dry_run:
+        for step, problems in damaged.items():
+            quarantine(storage, step, "; ".join(problems))
         for step in plan.delete:
             delete_checkpoint(storage, step)  # manifest first, as the manager does
+        retire_expired(storage, policy, plan.keep)
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": list(plan.delete), "kept": list(plan.keep),
+                          "quarantined": sorted(damaged),
                           "reasons": {str(k): list(v) for k, v in plan.reasons.items()}}))
     else:
         verb = "would delete" if args.dry_run else "deleted"
@@ -428,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", default=None, help="also tag the best checkpoint by this metric "
                     "best:<metric>, as CheckpointManager.list() does for its retention's metrics")
     sp.add_argument("--mode", default="min", choices=["min", "max"], help="min or max is best")
+    sp.add_argument("--all", action="store_true",
+                    help="also list quarantined (damaged, set aside) checkpoints")
     sp.set_defaults(func=cmd_list)
     sp = root_cmd("verify", "check every file of committed checkpoints against its checksum")
     sp.add_argument("step", nargs="?", type=int, help="one step (default: all)")
@@ -441,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep every checkpoint whose step is a multiple of N")
     sp.add_argument("--keep-epoch-ends", action="store_true", help="keep checkpoints tagged epoch_end")
     sp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="check the kept checkpoints' file sizes only, not their checksums")
     sp.add_argument("--ignore-lease", action="store_true",
                     help="prune even while a running job holds the root's lease (.lease.json)")
     sp.set_defaults(func=cmd_prune)

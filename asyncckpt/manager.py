@@ -48,6 +48,8 @@ from .state import TrainState, storage_ptr
 from .mirror import Mirror, with_backup
 from .multipart import Upload
 from .lease import WriteGuard
+from .quarantine import (checked_plan, list_quarantined, quarantine, quarantine_unreadable,
+                         retire_expired)
 from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, list_committed,
                       read_manifest, remove_temporary_files, uncommitted_steps, verify_files)
 from .release import (Provenance, ReleaseInfo, ReleaseOptions, checkpoint_weights, is_release,
@@ -197,6 +199,7 @@ class CheckpointManager:
             raise StorageError("create or write checkpoint root", self.root, e.cause) from e
         if not self._guard.open():  # the lease before any cleanup: cleaning up is a write
             return
+        quarantine_unreadable(self.storage)  # a manifest that does not parse never blocks a step
         for step in uncommitted_steps(self.storage):
             name = step_dir_name(step)
             log.warning("removing %s: a save that never committed", self.storage.url_of(name))
@@ -279,11 +282,35 @@ class CheckpointManager:
         if self.rank == 0:
             if step in self._pipeline.pending_steps():
                 exists = f"a save of step {step} is already in flight"
-            elif self.storage.exists(f"{step_dir_name(step)}/{MANIFEST_NAME}"):
+            elif self.storage.exists(f"{step_dir_name(step)}/{MANIFEST_NAME}") and \
+                    not self._quarantined_unreadable(step):
                 exists = f"step {step} is already committed at {self.storage.url_of(step_dir_name(step))}"
         exists = _dist.broadcast_object(exists, self._fg_group)
         if exists:
             raise CheckpointExistsError(f"{exists}; pass overwrite=True to replace it")
+
+    def _quarantined_unreadable(self, step: int) -> bool:
+        """Quarantine ``step`` if its manifest does not parse (and this manager writes the
+        root); True when it was set aside, so the step may be saved again."""
+        try:
+            read_manifest(self.storage, step)
+            return False
+        except CorruptCheckpointError as e:
+            if not self._may_write():
+                return False
+            quarantine(self.storage, step, str(e))
+            return True
+
+    def _may_write(self) -> bool:
+        """Whether this process writes the root now: rank 0, holding the lease (or, with
+        lease=False, no other writer holds it)."""
+        if self.rank != 0:
+            return False
+        try:
+            self._guard.check()
+        except AsyncCkptError:
+            return False
+        return True
 
     def maybe_save(self, step: int, state: TrainState, *, metrics: Mapping[str, Any] | None = None,
                    epoch: int | None = None, epoch_end: bool = False, force: bool = False,
@@ -405,28 +432,39 @@ class CheckpointManager:
         if not policy.disabled:
             self._prune(policy, dry_run=False)
 
-    def prune(self, retention: Retention | None = None, *, dry_run: bool = False) -> list[int]:
+    def prune(self, retention: Retention | None = None, *, dry_run: bool = False,
+              verify: bool = False) -> list[int]:
         """Delete what the retention policy (default: the manager's) drops, each manifest first;
-        returns the steps deleted (with ``dry_run``: that would be).  Only rank 0 deletes."""
+        returns the steps deleted (with ``dry_run``: that would be).  Only rank 0 deletes.
+
+        Checkpoints that would hold a kept slot are checked first (file sizes; with ``verify``
+        every checksum): a damaged one is quarantined and never keeps a whole one from being kept.
+        """
         policy = retention or self.retention
         if policy is None:
             raise ConfigError("prune() needs a Retention: pass one or configure retention=")
-        plan = self._prune(policy, dry_run=dry_run)
+        plan = self._prune(policy, dry_run=dry_run, deep=verify)
         if plan.missing_metric:
             log.warning("%d checkpoint(s) lack a finite value of a metric keep_best ranks by "
                         "(e.g. step=%d, %r); they are kept only by the other rules",
                         len({s for s, _ in plan.missing_metric}), *plan.missing_metric[0])
         return list(plan.delete)
 
-    def _prune(self, policy: Retention, *, dry_run: bool) -> RetentionPlan:
-        """Plan over the committed checkpoints (releases' sources tagged ``release:<v>``), delete."""
-        plan = policy.plan(with_release_tags(self.storage, list_committed(self.storage)))
+    def _prune(self, policy: Retention, *, dry_run: bool, deep: bool = False) -> RetentionPlan:
+        """Plan over the whole committed checkpoints (releases' sources tagged ``release:<v>``),
+        quarantine the damaged ones found, delete what the plan drops."""
+        plan, damaged = checked_plan(self.storage, policy,
+                                     with_release_tags(self.storage, list_committed(self.storage)),
+                                     deep=deep)
         if not dry_run and self.rank == 0:
-            if plan.delete:
+            if plan.delete or damaged:
                 self._guard.check()
+            for step, problems in damaged.items():
+                quarantine(self.storage, step, "; ".join(problems))
             for step in plan.delete:
                 delete_checkpoint(self.storage, step)  # manifest first: never listed half-deleted
                 log.info("step=%d rank=%d: deleted by retention", step, self.rank)
+            retire_expired(self.storage, policy, plan.keep)
         return plan
 
     # -- listing, verifying and restoring ---------------------------------------------
@@ -584,6 +622,8 @@ class CheckpointManager:
                 errors.append(e)
                 log.warning("step=%d is damaged, falling back to %s: %s", m.step,
                             "another copy" if which != "latest" else "an older checkpoint", e)
+                if which == "latest" and not from_backup and self._may_write():
+                    quarantine(self.storage, m.step, str(e))
                 continue
             self._after_restore(m, state)
             return m.step
@@ -641,6 +681,11 @@ class CheckpointManager:
         if step not in {m.step for m in manifests} and \
                 storage.exists(f"{step_dir_name(step)}/{MANIFEST_NAME}"):
             return [read_manifest(storage, step)]  # raises why list_committed skipped it
+        if step not in {m.step for m in manifests}:
+            aside = [q for q in list_quarantined(storage) if q.step == step]
+            if aside:  # set aside as damaged: say so, not just "not found"
+                raise CorruptCheckpointError(storage.url_of(step_dir_name(step)), "a whole checkpoint",
+                                             f"one quarantined at {aside[-1].url}", aside[-1].reason)
         return [select(manifests, step, self.root)]
 
     def _best(self, manifests: Sequence[Manifest], which: str) -> Manifest:

@@ -76,6 +76,16 @@ class RetentionPlan:
     missing_metric: tuple[tuple[int, str], ...] = ()
     """``(step, metric)`` for each checkpoint lacking a finite value of a ranked metric."""
 
+    @property
+    def slot_holders(self) -> tuple[int, ...]:
+        """Kept steps that hold a slot another checkpoint would otherwise get (``latest``,
+        ``latest-backup``, ``last-N``, ``best:<metric>``), as opposed to those kept forever by
+        their own step or tags: a damaged one of these must not push a whole one out."""
+        return tuple(s for s in self.keep if any(r.startswith(_SLOT_REASONS) for r in self.reasons[s]))
+
+
+_SLOT_REASONS = ("latest", "last-", "best:")
+
 
 def metric_value(item: RetentionItem, metric: str) -> float | None:
     """The finite value of ``metric`` on ``item``, or None when absent, non-numeric or nan/inf."""
@@ -276,6 +286,17 @@ class Retention:
             best=MappingProxyType(best),
             missing_metric=self._missing(ordered),
         )
+
+    def expired_quarantine(self, quarantined: Iterable[int], committed: Iterable[int]) -> frozenset[int]:
+        """Which quarantined (damaged, set aside) steps retention removes now: those older than
+        ``keep_last`` committed checkpoints (at least two, like ``latest``/``latest-backup``),
+        as an old checkpoint falls out of ``last-N``.  A policy that deletes nothing removes none."""
+        if self.disabled:
+            return frozenset()
+        assert self.keep_last is not None
+        newer = sorted(set(committed))
+        need = max(self.keep_last, 2)
+        return frozenset(q for q in set(quarantined) if sum(1 for s in newer if s > q) >= need)
 
     def best_step(self, items: Iterable[RetentionItem], metric: str | None = None) -> int | None:
         """The best step by ``metric`` (default: the primary metric), or None if no item has it.

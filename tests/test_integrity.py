@@ -111,6 +111,18 @@ def _flip(path: Path, offset: int, mask: int) -> bytes:
     return data
 
 
+def _unquarantine(root: Path, step_dir: str) -> bool:
+    """Move a checkpoint that restore quarantined back in place (the module's fixture keeps
+    using it); True when it had been quarantined."""
+    aside = sorted((root / "quarantine").glob(f"{step_dir}.*")) if (root / "quarantine").exists() else []
+    for folder in aside:
+        (folder / "quarantine.json").unlink()
+        folder.rename(root / step_dir)
+    if aside and not any((root / "quarantine").iterdir()):
+        (root / "quarantine").rmdir()
+    return len(aside) == 1
+
+
 def _cli_verify(root: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict]:
     rc = cli.main(["verify", "--json", str(root), *extra])
     return rc, json.loads(capsys.readouterr().out)
@@ -139,6 +151,8 @@ def _all_checks_notice(ck: Ckpt, state: TrainState, name: str, capsys: pytest.Ca
     warned = [r.getMessage() for r in caplog.records if "step=2" in r.getMessage()]
     if got != 1 or not any(name in w for w in warned):
         missed.append(f"restore() returned {got}, warnings {warned}")
+    if not _unquarantine(ck.root, STEP2):
+        missed.append("restore() fell back but did not quarantine step 2")
     live = state.models["model"].state_dict()
     if not all(torch.equal(live[k], v) for k, v in ck.step1.items()):
         missed.append("restore() fell back but the model is not step 1's")
@@ -220,6 +234,8 @@ def test_latest_with_every_checkpoint_damaged_raises_naming_each(ckpt: Ckpt) -> 
         with pytest.raises(CorruptCheckpointError) as info:
             ckpt.mgr.restore(_state(9))
     finally:
+        for d in ("step-0000000001", STEP2):
+            assert _unquarantine(ckpt.root, d)
         for p, data in zip(paths, originals):
             p.write_bytes(data)
     assert "step-0000000001" in str(info.value) and STEP2 in str(info.value)

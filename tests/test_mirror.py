@@ -19,6 +19,7 @@ from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.errors import ConfigError, CorruptCheckpointError, StorageError
 from asyncckpt.manifest import Manifest
 from asyncckpt.mirror import Mirror, with_backup
+from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import Storage, list_committed
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -203,9 +204,10 @@ def test_restore_falls_back_to_the_backup_when_the_primary_is_damaged_or_gone(tm
         step, model = _restore(tmp_path, backup)
     assert step == 3 and _same(model, params[3])        # the backup's 3, not the primary's 2
     assert "restoring from the backup" in caplog.text
+    assert not (tmp_path / "p" / "step-0000000003").exists()  # the damaged primary copy set aside
+    assert [q.name[:15] for q in list_quarantined(Storage(tmp_path / "p"))] == ["step-0000000003"]
     step, model = _restore(tmp_path, backup, fallback_to_backup=False)
     assert step == 2 and _same(model, params[2])        # without it: an older primary copy
-    shutil.rmtree(tmp_path / "p" / "step-0000000003")
     shutil.rmtree(tmp_path / "p" / "step-0000000002")
     step, model = _restore(tmp_path, backup, which=2)   # a step the primary lost
     assert step == 2 and _same(model, params[2])

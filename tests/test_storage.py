@@ -106,6 +106,29 @@ def test_remove_recursive_and_missing(storage):
         storage.remove("never-there", missing_ok=False)
 
 
+def test_move_dir_moves_every_file_and_leaves_no_source(storage):
+    for rel, data in (("step-0000000001/a", b"a"), ("step-0000000001/manifest.json", b"{}"),
+                      ("step-0000000001/sub/b", b"bb")):
+        storage.makedirs(rel.rsplit("/", 1)[0])
+        with storage.open_write(rel) as f:
+            f.write(data)
+    storage.move_dir("step-0000000001", "quarantine/step-0000000001.x")
+    assert sorted(storage.walk_files("quarantine/step-0000000001.x")) == ["a", "manifest.json", "sub/b"]
+    assert storage.read_bytes("quarantine/step-0000000001.x/sub/b") == b"bb"
+    assert storage.walk_files("step-0000000001") == []
+    assert "step-0000000001" not in storage.list_dirs()
+
+
+def test_move_dir_refuses_an_existing_destination(storage):
+    for rel in ("src/a", "dst/b"):
+        storage.makedirs(rel.rsplit("/", 1)[0])
+        with storage.open_write(rel) as f:
+            f.write(b"x")
+    with pytest.raises(CheckpointExistsError, match="dst"):
+        storage.move_dir("src", "dst")
+    assert storage.walk_files("src") == ["a"] and storage.walk_files("dst") == ["b"]
+
+
 def test_read_of_a_missing_file_names_it(storage):
     storage.makedirs()
     with pytest.raises(StorageError) as ei:
