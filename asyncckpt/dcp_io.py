@@ -382,12 +382,14 @@ class CheckpointReader(StorageReader):
 
     def _read_one(self, name: str, reqs: list[Any], planner: LoadPlanner) -> None:
         assert self.metadata is not None
-        data = memoryview(self.read_file(name))
         encoded = (self.files.get(name) or FileEntry(path=name, size=0)).codec == CODEC_NAME
         url = self.storage.url_of(name)
+        ranged = not self.verify and all(req.type == LoadItemType.BYTE_IO for req in reqs)
+        data = None if ranged else memoryview(self.read_file(name))
         for req in reqs:
             info = self.metadata.storage_data[req.storage_index]
-            blob = data[info.offset:info.offset + info.length]
+            blob = self._range(name, info.offset, info.length) if data is None else \
+                data[info.offset:info.offset + info.length]
             if len(blob) != info.length:
                 raise CorruptCheckpointError(url, f"an item of {info.length} bytes at {info.offset}",
                                              f"{len(blob)} bytes", "file is truncated")
@@ -413,6 +415,17 @@ class CheckpointReader(StorageReader):
             target.copy_(tensor)  # outside the lock: the reading threads copy in parallel
             with self._lock:
                 planner.commit_tensor(req, target)
+
+    def _range(self, name: str, offset: int, length: int) -> memoryview:
+        """One item's bytes, read alone (objects only, their files already checked or unchecked
+        by choice: a shard's tensors are not read for its few small objects)."""
+        try:
+            with self.storage.open_read(name) as f:
+                f.seek(offset)
+                return memoryview(f.read(length))
+        except OSError as e:
+            raise CorruptCheckpointError(self.storage.url_of(name), "a readable file",
+                                         "missing or unreadable", str(e)) from e
 
     def _bounce(self, device: torch.device) -> Bounce:
         """This thread's bounce buffers for ``device`` (made on first use)."""

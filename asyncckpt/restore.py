@@ -18,6 +18,7 @@ models, for a fine-tuning start.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +29,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from ._torch_compat import flatten_state_dict
+from . import _dist
 from .dcp_io import METADATA_NAME, CheckpointReader, reraise_own
-from .errors import CheckpointNotFoundError, ConfigError, StateMismatchError
+from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, StateMismatchError
 from .manifest import MANIFEST_NAME, Manifest, step_dir_name
 from .planner import SafeLoadPlanner
 from .state import PARTS, TrainState
-from .storage import Storage, list_committed
+from .storage import Storage, list_committed, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,8 @@ def load_into(folder: Storage, manifest: Manifest, state: TrainState, *, rank: i
     select.check(state)
     state = _view(state, select)
     device = check_map_location(map_location)
-    reader = CheckpointReader(folder, files={f.path: f for f in manifest.files}, verify=verify)
+    files = {f.path: f for f in manifest.files}
+    reader = CheckpointReader(folder, files=files, verify=verify)
     md = reader.read_metadata()
     available = {_top(k) for k in md.state_dict_metadata}
     target = {k: v for k, v in state.load_targets(rank, available, select.parts).items()
@@ -212,22 +215,82 @@ def load_into(folder: Storage, manifest: Manifest, state: TrainState, *, rank: i
     if not strict:
         report.missing += _drop_missing(target, md)
     _, report.unexpected = check_compatible(target, md, strict=strict, source=folder.url)
+    # all or nothing: every file is checked, and every object decoded and taken by its live
+    # object (undoably), before the first live tensor is written
+    if verify:
+        _verify_agreed(folder, manifest, rank, group)
+    objects = {k: v for k, v in target.items() if isinstance(v, io.BytesIO)}
+    tensors = {k: v for k, v in target.items() if k not in objects}
+    undo = _agreed(lambda: _apply_objects(folder, files, md, objects, state, rank, device), rank,
+                   group, folder.url)
     try:
-        dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(folder.url),
-                 process_group=group, no_dist=group is None)
-    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
-        reraise_own(e)
+        _load(tensors, CheckpointReader(folder, files=files, verify=False), folder.url, group)
+        state.apply_tensors(tensors, strict=strict)
+    except BaseException:
+        undo()
         raise
-    if device is not None:
-        for key in target:
-            if key in ("scheduler", "extra") or key.endswith("/dataloader"):
-                target[key] = _to_device(target[key], device)
-    state.apply(target, rank, strict=strict)
     report.loaded = sorted(target)
     if report.missing or report.unexpected:
         log.warning("rank=%d: restored %s with missing keys %s and unexpected keys %s", rank,
                     folder.url, report.missing[:10], report.unexpected[:10])
     return report
+
+
+def _load(target: dict[str, Any], reader: CheckpointReader, source: str, group: Any) -> None:
+    if not target and group is None:
+        return
+    try:
+        dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(source),
+                 process_group=group, no_dist=group is None)
+    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
+        reraise_own(e)
+        raise
+
+
+def _verify_agreed(folder: Storage, manifest: Manifest, rank: int, group: Any) -> None:
+    """Every file's size and checksum, streamed (bounded memory), the files shared out over
+    the ranks; every rank raises if any rank found damage."""
+    world = len(_dist.all_gather_object(None, group))
+    mine = {e.path for i, e in enumerate(manifest.files) if i % world == rank}
+    found = [p for ps in _dist.all_gather_object(verify_files(folder, manifest, paths=mine), group)
+             for p in ps]
+    if found:
+        raise CorruptCheckpointError(folder.url, "every file as its manifest records",
+                                     f"{len(found)} damaged", "; ".join(found))
+
+
+def _apply_objects(folder: Storage, files: Mapping[str, Any], md: dcp_metadata.Metadata,
+                   objects: dict[str, Any], state: TrainState, rank: int,
+                   device: torch.device | None) -> Any:
+    """Read this rank's objects (their bytes only) and push them into the live objects;
+    returns the undo."""
+    if objects:  # this rank's own objects: no collective
+        _load(objects, CheckpointReader(folder, files=files, verify=False), folder.url, None)
+    if device is not None:
+        for key in objects:
+            if key in ("scheduler", "extra") or key.endswith("/dataloader"):  # RNG states stay on CPU
+                objects[key] = _to_device(objects[key], device)
+    where = {index.fqn: folder.url_of(info.relative_path) for index, info in md.storage_data.items()}
+    return state.apply_objects(objects, rank, where=lambda key: where.get(key, folder.url))
+
+
+def _agreed(act: Any, rank: int, group: Any, source: str) -> Any:
+    """Run ``act`` on every rank; if it raised on any, undo it where it succeeded and raise on
+    every rank (so none goes on to the collective tensor load alone)."""
+    result, error = None, None
+    try:
+        result = act()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard
+        error = e
+    said = [m for m in _dist.all_gather_object(
+        None if error is None else f"rank {rank}: {type(error).__name__}: {error}", group) if m]
+    if error is not None:
+        raise error
+    if said:
+        if result is not None:
+            result()
+        raise CorruptCheckpointError(source, "objects every rank can restore", "; ".join(said))
+    return result
 
 
 def _view(state: TrainState, select: Selection) -> TrainState:

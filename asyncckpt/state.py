@@ -35,12 +35,13 @@ restored step or ``extra`` to skip ahead or set the sampler's epoch.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .errors import ConfigError, StateMismatchError
+from .errors import ConfigError, CorruptCheckpointError, StateMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,15 @@ class TrainState:
 
     def apply(self, loaded: Mapping[str, Any], rank: int, *, strict: bool = True) -> None:
         """Push loaded values (tensors in place, objects already deserialised) into the live objects."""
+        undo = self.apply_objects(loaded, rank)
+        try:
+            self.apply_tensors(loaded, strict=strict)
+        except BaseException:
+            undo()
+            raise
+
+    def apply_tensors(self, loaded: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Models and optimizers from loaded state dicts (their tensors already in place)."""
         for name, m in self.models.items():
             key = f"model/{name}"
             if key in loaded:
@@ -328,24 +338,73 @@ class TrainState:
             key = f"optim/{name}"
             if key in loaded:
                 set_optimizer_state_dict(self._model_for(name), o, loaded[key])
-        if "scheduler" in loaded:
-            self._load_each("scheduler", self.schedulers, loaded["scheduler"])
-        if f"rank_{rank}/dataloader" in loaded:
-            self._load_each("dataloader", self.dataloaders, loaded[f"rank_{rank}/dataloader"])
-            for loader in self.dataloaders.values():
-                # A StatefulDataLoader builds its resumed iterator here (the next iter() returns
-                # it).  Building one draws a seed from the global torch RNG, so it must happen
-                # before that RNG is restored below, or the resumed run is one draw off.
-                loader.state_dict()
-        if self._resharded and "rank_0/rng" in loaded:
-            seed = reseed_rng(loaded["rank_0/rng"], rank)
-            log.info("rank=%d: world size changed; RNG re-seeded with %d", rank, seed)
-        elif f"rank_{rank}/rng" in loaded:
-            restore_rng(loaded[f"rank_{rank}/rng"])
-        if "extra" in loaded:
-            values = loaded["extra"]
-            self.extra.clear()
-            self.extra.update(values)
+
+    def apply_objects(self, loaded: Mapping[str, Any], rank: int,
+                      where: Callable[[str], str] = str) -> Callable[[], None]:
+        """Push the loaded objects (scheduler, dataloader, RNG, extra) into the live ones, all or
+        none; returns an undo that puts back what was there before.
+
+        A value that a live object refuses (a damaged item whose checksum was recomputed, a
+        foreign checkpoint) raises ``CorruptCheckpointError`` naming ``where(key)`` and the
+        reason, after whatever was already pushed has been put back.
+        """
+        undo: list[Callable[[], None]] = []
+        rng_before: dict[str, Any] | None = None
+
+        def rollback() -> None:
+            for step in reversed(undo):
+                step()
+            if rng_before is not None:  # last: putting a loader back draws from the torch RNG
+                restore_rng(rng_before)
+
+        key = ""
+        try:
+            key = "scheduler"
+            if key in loaded:
+                before = {n: copy.deepcopy(o.state_dict()) for n, o in self.schedulers.items()}
+                undo.append(lambda: self._put_back(self.schedulers, before))
+                self._load_each("scheduler", self.schedulers, _mapping(loaded[key], key))
+            key = f"rank_{rank}/dataloader"
+            if key in loaded:
+                before_dl = {n: copy.deepcopy(o.state_dict()) for n, o in self.dataloaders.items()}
+                undo.append(lambda: self._put_back(self.dataloaders, before_dl, rebuild=True))
+                self._load_each("dataloader", self.dataloaders, _mapping(loaded[key], key))
+                for loader in self.dataloaders.values():
+                    # A StatefulDataLoader builds its resumed iterator here (the next iter() returns
+                    # it).  Building one draws a seed from the global torch RNG, so it must happen
+                    # before that RNG is restored below, or the resumed run is one draw off.
+                    loader.state_dict()
+            key = "rank_0/rng" if self._resharded else f"rank_{rank}/rng"
+            if key in loaded:
+                saved = _mapping(loaded[key], key)
+                rng_before = capture_rng()
+                if self._resharded:
+                    seed = reseed_rng(saved, rank)
+                    log.info("rank=%d: world size changed; RNG re-seeded with %d", rank, seed)
+                else:
+                    restore_rng(saved)
+            key = "extra"
+            if key in loaded:
+                values = dict(_mapping(loaded[key], key))
+                extra_before = dict(self.extra)
+                undo.append(lambda: (self.extra.clear(), self.extra.update(extra_before)))
+                self.extra.clear()
+                self.extra.update(values)
+        except StateMismatchError:
+            rollback()
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a live object refuses is a bad checkpoint item
+            rollback()
+            raise CorruptCheckpointError(where(key), f"a {key} state this TrainState accepts",
+                                         f"{type(e).__name__}: {e}", f"item {key}") from e
+        return rollback
+
+    @staticmethod
+    def _put_back(live: Mapping[str, Any], before: Mapping[str, Any], rebuild: bool = False) -> None:
+        for name, obj in live.items():
+            obj.load_state_dict(before[name])
+            if rebuild:
+                obj.state_dict()
 
     @staticmethod
     def _load_each(kind: str, live: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
@@ -355,3 +414,9 @@ class TrainState:
                     f"{kind} {name!r} is not in the checkpoint (it has {sorted(saved)})",
                     missing=[f"{kind}/{name}"])
             obj.load_state_dict(saved[name])
+
+
+def _mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{key} holds a {type(value).__name__}, expected a dict")
+    return value

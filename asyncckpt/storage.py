@@ -32,7 +32,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -489,13 +489,16 @@ def uncommitted_steps(storage: Storage) -> list[int]:
 
 
 def verify_files(folder: Storage, manifest: Manifest,
-                 on_bytes: Callable[[int], object] | None = None, *, deep: bool = True) -> list[str]:
+                 on_bytes: Callable[[int], object] | None = None, *, deep: bool = True,
+                 paths: Collection[str] | None = None) -> list[str]:
     """Problems with a checkpoint's files (missing, wrong size, bad checksum); empty when whole.
     ``on_bytes`` is called with the size of each piece read (a progress bar).  ``deep=False``
-    compares the listed sizes only (one listing, no file read)."""
+    compares the listed sizes only (one listing, no file read); ``paths`` checks only those."""
     problems = []
     present = folder.list_files()
     for entry in manifest.files:
+        if paths is not None and entry.path not in paths:
+            continue
         url = folder.url_of(entry.path)
         if entry.path not in present:
             problems.append(f"{url}: missing")
@@ -513,5 +516,6 @@ def verify_files(folder: Storage, manifest: Manifest,
         if digest.nbytes != entry.size:
             problems.append(f"{url}: expected {entry.size} bytes, found {digest.nbytes}")
         elif entry.checksum and digest.hexdigest() != entry.checksum:
-            problems.append(f"{url}: expected {entry.checksum}, found {digest.hexdigest()}")
+            problems.append(f"{url}: expected {entry.checksum}, found {digest.hexdigest()}: "
+                            "checksum mismatch")
     return problems

@@ -209,7 +209,7 @@ CASES: list[tuple[str, Callable[[Case], Any], type[BaseException], str]] = [
     ("truncated shard", _after(_truncate, _restore()), CorruptCheckpointError, "bytes, found"),
     ("flipped bit", _after(_flip, _restore()), CorruptCheckpointError, "checksum mismatch"),
     ("missing shard", _after(lambda c: c.shard(2).unlink(), _restore()), CorruptCheckpointError,
-     "missing or unreadable"),
+     ": missing"),
     ("manifest not JSON", _after(lambda c: (c.folder(2) / "manifest.json").write_text("{oops"), _restore()),
      CorruptCheckpointError, "expected JSON, found unparsable text"),
     ("manifest of another step", _after(_moved_manifest, _restore()), CorruptCheckpointError,
