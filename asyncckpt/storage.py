@@ -240,7 +240,7 @@ class Storage:
                 with contextlib.suppress(Exception):
                     _discard(f)
                 with contextlib.suppress(Exception):
-                    self.fs.rm(path)
+                    self.fs.rm_file(path)
                 raise
 
     def put_atomic(self, rel: str, data: bytes, *, create_only: bool = True) -> None:
@@ -395,14 +395,30 @@ class Storage:
     # -- deleting -----------------------------------------------------------
     def remove(self, rel: str, *, recursive: bool = False, missing_ok: bool = True) -> None:
         with self._errors("delete", rel):
-            if not missing_ok and not self.is_local and not self.exists(rel):
+            if not missing_ok and not self.exists(rel):
                 raise FileNotFoundError(f"no such file: {self.url_of(rel)}")  # S3 deletes are idempotent
-            try:
-                self.retry.call(lambda: self.fs.rm(self.path(rel), recursive=recursive),
-                                f"delete {self.url_of(rel)}")
-            except FileNotFoundError:
-                if not missing_ok:
-                    raise
+            # literal paths only: fsspec's rm() expands *, ? and [...] (a root named "exp[1]"
+            # would delete "exp1"'s files), so files are deleted one by one, by name
+            subs = self.walk_files(rel) if recursive else []
+            for sub in subs:
+                path = self.path(f"{rel}/{sub}")
+                self.retry.call(lambda p=path: self._rm_file(p), f"delete {self.url_of(f'{rel}/{sub}')}")
+            self.retry.call(lambda: self._rm_file(self.path(rel)), f"delete {self.url_of(rel)}")
+            if recursive and not self.is_object_store:  # local disk, memory://: the folders
+                folders = {f"{rel}/{sub}".rsplit("/", 1)[0] for sub in subs} | {rel}
+                for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rmdir(self.path(folder))
+
+    def _rm_file(self, path: str) -> bool:
+        """Delete one file by its literal name; False when there was none."""
+        try:
+            self.fs.rm_file(path)
+            return True
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            if isinstance(e, PermissionError) and not self.fs.isdir(path):
+                raise
+            return False  # a folder (macOS says EPERM): its files went one by one
 
 
 def _discard(f: Any) -> None:

@@ -139,18 +139,16 @@ class AnnouncingFS(LocalFileSystem):
         _Events.hit("ls", self._strip_protocol(path))
         return super().ls(path, detail=detail, **kwargs)
 
-    def rm(self, path: Any, recursive: bool = False, maxdepth: Any = None) -> None:
-        """One event per file and per folder: a recursive delete is file by file, as on S3."""
-        for p in path if isinstance(path, list) else [path]:
-            p = self._strip_protocol(p)
-            if recursive and os.path.isdir(p):
-                for name in sorted(os.listdir(p)):
-                    self.rm(os.path.join(p, name), recursive=True)
-                _Events.hit("rm", p)
-                os.rmdir(p)
-            else:
-                _Events.hit("rm", p)
-                super().rm(p, recursive=recursive, maxdepth=maxdepth)
+    def rm_file(self, path: Any) -> None:
+        """One event per file and per folder (asyncckpt deletes file by file, then folders)."""
+        p = self._strip_protocol(path)
+        if os.path.isfile(p):
+            _Events.hit("rm", p)
+        super().rm_file(path)
+
+    def rmdir(self, path: Any) -> None:
+        _Events.hit("rm", self._strip_protocol(path))
+        super().rmdir(path)
 
 
 fsspec.register_implementation(PROTOCOL, AnnouncingFS, clobber=True)

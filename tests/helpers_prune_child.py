@@ -6,7 +6,7 @@ registered here) and saves STEP; the commit makes every older checkpoint but
 the newest two surplus, and the background retention deletes them.
 
 Every single deletion (a recursive delete is done file by file, then the
-folder, as an object store would) is announced on stdout as ``rm <path>`` and
+folder, as on every backend) is announced on stdout as ``rm <path>`` and
 waits for a line on stdin first, so the parent can SIGKILL this process at an
 exact point: no sleeps.  ``done`` is printed once the manager has closed.
 """
@@ -34,18 +34,15 @@ class AnnouncingFS(LocalFileSystem):
 
     protocol = ("announce", "file")
 
-    def rm(self, path: Any, recursive: bool = False, maxdepth: Any = None) -> None:
-        for p in path if isinstance(path, list) else [path]:
-            p = self._strip_protocol(p)
-            if recursive and os.path.isdir(p):
-                for name in sorted(os.listdir(p)):
-                    _announce(os.path.join(p, name))
-                    os.remove(os.path.join(p, name))
-                _announce(p)
-                os.rmdir(p)
-            else:
-                _announce(p)
-                super().rm(p, recursive=recursive, maxdepth=maxdepth)
+    def rm_file(self, path: Any) -> None:
+        p = self._strip_protocol(path)
+        if os.path.isfile(p):
+            _announce(p)
+        super().rm_file(path)
+
+    def rmdir(self, path: Any) -> None:
+        _announce(self._strip_protocol(path))
+        super().rmdir(path)
 
 
 def weights_at(step: int) -> nn.Module:

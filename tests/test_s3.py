@@ -420,3 +420,26 @@ def test_sigkill_during_uploads_leaves_only_checkpoints_that_restore(s3_bucket, 
         for step in (2, 4, 6):
             assert mgr.restore(TrainState(model=model), step) == step
             assert h.state_digest(model) == digests[step]
+
+
+@pytest.mark.parametrize("name", ["exp[1]", "exp?", "exp*"])
+def test_a_root_with_glob_characters_never_touches_another_run(s3_bucket, name: str) -> None:
+    """Retention and close() in ``runs/exp[1]`` must leave ``runs/exp1`` (its checkpoints
+    and its live lease) alone."""
+    model, opt, sched = _model()
+    state = TrainState(model=model, optimizer=opt, scheduler=sched)
+    other = f"s3://{s3_bucket['name']}/runs/exp1"
+    odd = f"s3://{s3_bucket['name']}/runs/{name}"
+    with CheckpointManager(other, storage_options=s3_bucket["options"]) as neighbour:
+        neighbour.save(1, state, blocking=True)
+        neighbour.save(2, state, blocking=True)
+        before = _keys(s3_bucket, "runs/exp1/")
+        with CheckpointManager(odd, storage_options=s3_bucket["options"],
+                               retention=Retention(keep_last=1)) as mgr:
+            for step in (1, 2, 3, 4):
+                mgr.save(step, state, blocking=True)
+            mgr.wait()  # retention of the last commit too
+            assert [i.step for i in mgr.list()] == [3, 4]
+        assert _keys(s3_bucket, "runs/exp1/") == before  # lease included
+        assert [i.step for i in neighbour.list()] == [1, 2]
+        neighbour.save(3, state, blocking=True)  # its lease is still its own

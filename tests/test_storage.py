@@ -129,6 +129,26 @@ def test_move_dir_refuses_an_existing_destination(storage):
     assert storage.walk_files("src") == ["a"] and storage.walk_files("dst") == ["b"]
 
 
+def test_paths_are_literal_glob_characters_match_only_themselves(storage):
+    """fsspec's rm() expands *, ? and [...]: a folder named "exp[1]" must never reach "exp1"."""
+    names = ["exp1/step/f", "exp[1]/step/f", "a*/f", "ab/f", "q?/f", "qx/f", "s[!x]/f", "sy/f"]
+    for rel in names:
+        storage.makedirs(rel.rsplit("/", 1)[0])
+        with storage.open_write(rel) as f:
+            f.write(rel.encode())
+    storage.remove("exp[1]", recursive=True)
+    storage.remove("a*", recursive=True)
+    storage.remove("q?/f")
+    storage.remove("s[!x]/f")
+    assert storage.exists("exp1/step/f") and storage.exists("ab/f") and storage.exists("qx/f")
+    assert storage.exists("sy/f") and storage.read_bytes("exp1/step/f") == b"exp1/step/f"
+    assert not storage.exists("exp[1]/step/f") and not storage.exists("a*/f")
+    assert not storage.exists("q?/f") and not storage.exists("s[!x]/f")
+    assert storage.walk_files("exp[1]") == []
+    storage.move_dir("exp1", "moved[1]")
+    assert storage.walk_files("moved[1]") == ["step/f"]
+
+
 def test_read_of_a_missing_file_names_it(storage):
     storage.makedirs()
     with pytest.raises(StorageError) as ei:
