@@ -798,6 +798,7 @@ class CheckpointManager:
         try:
             self._close_writers()
         finally:
+            self._stager.close()  # joins the prewarm thread
             self._guard.close()
             if signals is not None:
                 signals.uninstall()

@@ -333,10 +333,20 @@ class Stager:
         layout, pool = _layout(items), self._pool_for(_any_cuda(items))
         if (pool.allocations and pool._layout == layout) or _exceeds(pool, layout):
             return None
+        # not a daemon: finite work, and the interpreter then joins it at exit even if the
+        # manager was dropped without close() (a daemon thread still inside torch when the
+        # interpreter finalises aborts the process: "terminate called without an active exception")
         self._prewarm = threading.Thread(target=self._run_prewarm, args=(pool, layout),
-                                         name="asyncckpt-prewarm", daemon=True)
+                                         name="asyncckpt-prewarm", daemon=False)
         self._prewarm.start()
         return self._prewarm
+
+    def close(self) -> None:
+        """Wait for the prewarm thread (a thread still allocating when the interpreter
+        finalises can abort the process); idempotent."""
+        thread, self._prewarm = self._prewarm, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _run_prewarm(self, pool: BufferPool, layout: Layout) -> None:
         try:

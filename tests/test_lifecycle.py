@@ -1,0 +1,141 @@
+"""CheckpointManager's lifecycle: every thread it starts is joined, buffers and the writer
+survive failures of staging and of user callbacks, one writer per manager, and a finished
+``result()`` leaves nothing in the background that a following read could race."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from asyncckpt import CheckpointManager, Retention, TrainState
+from asyncckpt.errors import SaveError
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+HANG_S = 30.0
+
+
+def _within(fn: Callable[[], Any], what: str, timeout_s: float = HANG_S) -> Any:
+    """``fn()`` on a helper thread; fails the test (instead of hanging it) if it blocks."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="test-within", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"{what} still blocked after {timeout_s:g}s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _ours() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("asyncckpt") and t.is_alive()}
+
+
+def _state(seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 2)
+    return TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# -- 3: every thread the manager started is joined ---------------------------------------
+
+_RESTORE_AND_EXIT = textwrap.dedent("""
+    import os, shutil, sys
+    import torch
+    from torch import nn
+    from asyncckpt import CheckpointManager, TrainState
+
+    root, runs = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)  # no intra-op thread pool in the parent: its children fork safely
+    torch.manual_seed(0)
+    # 32 MB of state: its prewarm takes long enough to be under way when the child exits
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048))
+    state = TrainState(model=model)
+
+    def in_child(i, work):
+        # torch is imported once; each run is a forked child that exits the normal way
+        err = os.open(f"{root}.{i}.stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(err, 2)
+            work(f"{root}-{i}" if i else root)
+            sys.exit(0)
+        os.close(err)
+        _, status = os.waitpid(pid, 0)
+        os.write(1, f"{i} {os.waitstatus_to_exitcode(status)}\\n".encode())
+
+    def save(path):
+        with CheckpointManager(path, compression=None) as mgr:
+            mgr.save(1, state).result()
+
+    def restore(path):
+        mgr = CheckpointManager(path, compression=None)
+        assert mgr.restore(state) == 1
+        # no close(): the interpreter's exit must wait for the threads the manager started
+
+    in_child(0, save)
+    for i in range(1, runs + 1):
+        shutil.copytree(root, f"{root}-{i}")  # a root each: a run that aborted holds its lease
+        in_child(i, restore)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per run")
+def test_restore_then_exit_without_close_never_aborts(tmp_path):
+    script = tmp_path / "restore_and_exit.py"
+    script.write_text(_RESTORE_AND_EXIT)
+    root, runs = str(tmp_path / "ckpt"), 10  # before the fix, about half of them aborted
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script), root, str(runs)], capture_output=True,
+                         text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr
+    codes = dict(line.split() for line in out.stdout.splitlines())
+    stderr = {i: (tmp_path / f"ckpt.{i}.stderr").read_text() for i in codes}
+    bad = {i: (code, stderr[i][-300:]) for i, code in codes.items()
+           if code != "0" or "terminate called" in stderr[i]}
+    assert len(codes) == runs + 1 and not bad, bad
+
+
+def test_close_joins_every_thread_it_started(tmp_path):
+    before = _ours()
+    state = _state()
+    mgr = CheckpointManager(tmp_path / "ckpt", backup=str(tmp_path / "backup"))
+    mgr.save(1, state).result(timeout=HANG_S)
+    mgr.restore(state)  # starts a prewarm thread (or finds the pool warm)
+    mgr.prewarm(state)
+    started = {t.name for t in _ours() - before}
+    assert {"asyncckpt-writer", "asyncckpt-lease", "asyncckpt-mirror"} <= started
+    _within(mgr.close, "close()")
+    left = _ours() - before
+    assert not left, sorted(t.name for t in left)
+
+
+def test_close_joins_a_running_prewarm(tmp_path):
+    state = _state()
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.save(1, state).result(timeout=HANG_S)
+    before = _ours()
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    mgr.restore(state)
+    thread = mgr._stager._prewarm
+    assert thread is not None and thread.name == "asyncckpt-prewarm"
+    _within(mgr.close, "close()")
+    assert not thread.is_alive() and not (_ours() - before)
