@@ -384,12 +384,18 @@ class Stager:
             return self._stage_device(state_dict, items, layout, nbytes, on_wait, deferrable)
         host = pool.acquire(layout, wait=on_wait)
         staged = Staged({}, nbytes, mode=path, _releases=[lambda: pool.release(host)])
-        if path == "cpu":
-            for p, t in items:
-                host.buffers[p].copy_(_local(t).detach())
-        else:
-            staged._event = self._copy_on_side_stream(items, host.buffers, deferrable)
-        staged.state_dict = _rebuild(state_dict, host.buffers)
+        try:
+            if path == "cpu":
+                for p, t in items:
+                    host.buffers[p].copy_(_local(t).detach())
+            else:
+                staged._event = self._copy_on_side_stream(items, host.buffers, deferrable)
+            staged.state_dict = _rebuild(state_dict, host.buffers)
+        except BaseException:  # KeyboardInterrupt too: a lost set would stall every later save
+            if path != "cpu":  # copies queued before the error may still write into the set
+                self._side_stream().synchronize()
+            staged.release()
+            raise
         return staged
 
     def _copy_on_side_stream(self, items: list[tuple[Path, torch.Tensor]],
@@ -436,7 +442,12 @@ class Stager:
                                            default_sets=1)
         pool = self._device_pool
         dev = pool.acquire(layout, wait=on_wait)
-        event = self._copy_on_side_stream(items, dev.buffers, deferrable)
+        try:
+            event = self._copy_on_side_stream(items, dev.buffers, deferrable)
+        except BaseException:  # copies queued before the error may still write into the set
+            self._side_stream().synchronize()
+            pool.release(dev)
+            raise
         gone = threading.Event()
 
         def release_device_set() -> None:

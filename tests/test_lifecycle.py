@@ -139,3 +139,51 @@ def test_close_joins_a_running_prewarm(tmp_path):
     assert thread is not None and thread.name == "asyncckpt-prewarm"
     _within(mgr.close, "close()")
     assert not thread.is_alive() and not (_ours() - before)
+
+
+# -- 4: a staging copy that fails midway gives its buffers back -------------------------
+
+class _Trap(torch.Tensor):
+    """A real tensor whose copy into a staging buffer raises the next queued exception."""
+
+    raises: list[BaseException] = []
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.copy_ and cls.raises:
+            raise cls.raises.pop(0)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _trapped_state() -> TrainState:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    model.register_buffer("trap", torch.zeros(3).as_subclass(_Trap))  # after weight and bias
+    return TrainState(model=model)
+
+
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_a_failed_staging_copy_gives_its_buffers_back(tmp_path, max_pending):
+    state = _trapped_state()
+    with CheckpointManager(tmp_path / "ckpt", compression=None, max_pending=max_pending) as mgr:
+        _Trap.raises = [RuntimeError("copy failed"), KeyboardInterrupt(), RuntimeError("again")]
+        for step, kind in ((1, RuntimeError), (2, KeyboardInterrupt), (3, RuntimeError)):
+            with pytest.raises(kind):
+                _within(lambda: mgr.save(step, state), f"save({step})")
+        assert not _Trap.raises  # each save reached the copy and failed there
+        pools = {id(p): p for p in (mgr._stager.host, mgr._stager.cpu_host)}.values()
+        assert all(p._held == 0 for p in pools)
+        info = _within(lambda: mgr.save(4, state).result(timeout=HANG_S), "save(4)")
+        assert info.step == 4 and [i.step for i in mgr.list()] == [4]
+
+
+def test_a_save_refused_after_staging_gives_its_buffers_back(tmp_path):
+    """Staging done, then the pipeline refuses the job (here: closed): the buffers go back."""
+    state = _state()
+    mgr = CheckpointManager(tmp_path / "ckpt", compression=None, max_pending=1)
+    mgr.save(1, state).result(timeout=HANG_S)
+    mgr._pipeline.close()  # the writer stopped under the manager's feet
+    with pytest.raises(Exception, match="closed"):
+        mgr.save(2, state)
+    assert mgr._stager.host._held == 0
+    mgr.close()
