@@ -158,17 +158,26 @@ class Pipeline:
 
     # -- called from the training thread ------------------------------------------
     def submit(self, job: SaveJob) -> None:
+        """Queue ``job`` for the writer.  If this raises (closed, interrupted while waiting for
+        a slot), the job was not taken: the caller still owns its staged buffers."""
         if self._closed:
             raise AsyncCkptError("the checkpoint manager is closed")
         if not self._slots.acquire(blocking=False):
             log.warning("step=%d rank=%d: the writer is behind; waiting for a pending save "
                         "to finish writing", job.handle.step, self.rank)
             self._slots.acquire()
-        with self._lock:
-            self._pending.append(job.handle)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
-            self._thread.start()
+        try:
+            with self._lock:  # one writer per manager, however many threads save at once
+                self._pending.append(job.handle)
+                if self._thread is None:
+                    thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
+                    thread.start()
+                    self._thread = thread
+        except BaseException:
+            with self._lock:
+                self._pending = [h for h in self._pending if h is not job.handle]
+            self._slots.release()
+            raise
         self._queue.put(job)
 
     def submit_failed(self, step: int, error: BaseException) -> None:

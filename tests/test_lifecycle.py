@@ -187,3 +187,45 @@ def test_a_save_refused_after_staging_gives_its_buffers_back(tmp_path):
         mgr.save(2, state)
     assert mgr._stager.host._held == 0
     mgr.close()
+
+
+# -- 6: one writer thread per manager, however many threads make the first save ----------
+
+def test_concurrent_first_saves_start_one_writer(tmp_path, monkeypatch):
+    savers = 4
+    # a writer start that waits for the others: every save that found no writer yet gets
+    # here (the lock lets only one in, and then its wait times out)
+    inside = threading.Barrier(2)
+
+    class MeetingThread(threading.Thread):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.name == "asyncckpt-writer":
+                try:
+                    inside.wait(timeout=1.0)
+                except threading.BrokenBarrierError:
+                    pass
+
+    state = _state()
+    before = _ours()
+    mgr = CheckpointManager(tmp_path / "ckpt", compression=None, max_pending=savers)
+    go = threading.Barrier(savers)
+    handles: dict[int, Any] = {}
+
+    def save(step: int) -> None:
+        go.wait(timeout=HANG_S)
+        handles[step] = mgr.save(step, state)
+
+    threads = [threading.Thread(target=save, args=(s,)) for s in range(1, savers + 1)]
+    monkeypatch.setattr(threading, "Thread", MeetingThread)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG_S)
+    monkeypatch.undo()
+    writers = [t for t in _ours() - before if t.name == "asyncckpt-writer"]
+    assert len(writers) == 1, writers
+    assert sorted(_within(lambda: [h.result(timeout=HANG_S).step for h in handles.values()],
+                          "results")) == [1, 2, 3, 4]
+    _within(mgr.close, "close()")
+    assert not (_ours() - before)
