@@ -418,7 +418,7 @@ class CheckpointManager:
                 info = CheckpointInfo.from_manifest(manifest, self.storage.url_of(step_dir_name(manifest.step)))
                 try:
                     self.options.on_commit(info)
-                except Exception as e:  # noqa: BLE001 - a callback never breaks a save
+                except BaseException as e:  # noqa: BLE001 - sys.exit() too: a callback never breaks a save
                     log.error("step=%d rank=%d: on_commit callback raised: %r", manifest.step, self.rank, e)
 
     def _retain_and_mirror(self, manifest: Manifest) -> None:

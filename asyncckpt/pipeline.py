@@ -116,6 +116,20 @@ class SaveJob:
 _STOP = object()
 
 
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _as_error(e: BaseException, where: str) -> Exception:
+    """``e`` fit to latch: a SystemExit or KeyboardInterrupt caught on the writer thread
+    would end the training when the next ``save()`` re-raises it; it is wrapped instead."""
+    if isinstance(e, Exception):
+        return e
+    err = AsyncCkptError(f"{where} raised {e!r}")
+    err.__cause__ = e
+    return err
+
+
 def codec_workers(writer_threads: int) -> int:
     """Compression threads for one rank: its share of the machine's cores (ranks on one node
     split them; LOCAL_WORLD_SIZE is set by torchrun), at least ``writer_threads``, at most 16.
@@ -233,6 +247,12 @@ class Pipeline:
                 return
             try:
                 self._process(job)
+            except BaseException as e:  # noqa: BLE001 - the writer must outlive any one save
+                log.error("step=%d rank=%d: the writer caught %r; going on with the next save",
+                          job.handle.step, self.rank, e)
+                self._latch(_as_error(e, "the writer"))
+                if not job.handle.done():
+                    job.handle._finish(None, SaveError(job.handle.step, {self.rank: e}))
             finally:
                 job.staged.release()
                 with self._lock:
@@ -252,7 +272,7 @@ class Pipeline:
             if self.on_failure is not None:
                 try:
                     self.on_failure(step, err)
-                except Exception as cb_err:  # noqa: BLE001 - a callback never breaks a save
+                except BaseException as cb_err:  # noqa: BLE001 - sys.exit() too: a callback never breaks a save
                     log.error("step=%d rank=%d: on_failure callback raised: %r", step, self.rank, cb_err)
             if job.cleared:
                 self._discard_uncommitted(step)
@@ -281,9 +301,10 @@ class Pipeline:
         for hook in hooks:
             try:
                 hook(manifest)
-            except Exception as e:  # noqa: BLE001 - latched, never lost
-                log.error("step=%d rank=%d: post-commit work failed: %s", manifest.step, self.rank, e)
-                self._latch(e)
+            except BaseException as e:  # noqa: BLE001 - latched, never lost; the writer goes on
+                log.error("step=%d rank=%d: post-commit work %s failed: %r", manifest.step, self.rank,
+                          _name_of(hook), e)
+                self._latch(_as_error(e, "post-commit work"))
 
     def _latch(self, err: BaseException) -> None:
         with self._lock:

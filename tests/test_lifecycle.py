@@ -189,6 +189,49 @@ def test_a_save_refused_after_staging_gives_its_buffers_back(tmp_path):
     mgr.close()
 
 
+# -- 5: a callback's sys.exit / KeyboardInterrupt never kills the writer ----------------
+
+def test_on_commit_system_exit_is_logged_and_the_writer_goes_on(tmp_path, caplog):
+    raises = [SystemExit(3), KeyboardInterrupt("stop")]
+    seen: list[int] = []
+
+    def on_commit(info: Any) -> None:
+        seen.append(info.step)
+        if raises:
+            raise raises.pop(0)
+
+    state = _state()
+    with caplog.at_level(logging.ERROR, logger="asyncckpt"):
+        mgr = CheckpointManager(tmp_path / "ckpt", compression=None, on_commit=on_commit)
+        for step in (1, 2, 3, 4):
+            assert mgr.save(step, state).result(timeout=HANG_S).step == step
+        _within(mgr.close, "close()")
+    assert seen == [1, 2, 3, 4] and [i.step for i in mgr.list()] == [1, 2, 3, 4]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("on_commit" in m and "SystemExit(3)" in m for m in errors), errors
+    assert any("on_commit" in m and "KeyboardInterrupt" in m for m in errors), errors
+
+
+def test_on_failure_system_exit_is_logged_and_the_writer_goes_on(tmp_path, faulty_fs, caplog):
+    def on_failure(step: int, e: BaseException) -> None:
+        sys.exit(4)
+
+    state = _state()
+    with caplog.at_level(logging.ERROR, logger="asyncckpt"):
+        mgr = CheckpointManager(faulty_fs.url(tmp_path / "ckpt"), compression=None,
+                                on_failure=on_failure)
+        faulty_fs.fail_on_write(1)
+        with pytest.raises(SaveError):
+            mgr.save(1, state).result(timeout=HANG_S)
+        with pytest.raises(SaveError):  # latched: the save's error, not the callback's
+            mgr.wait()
+        for step in (2, 3):
+            assert mgr.save(step, state).result(timeout=HANG_S).step == step
+        _within(mgr.close, "close()")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("on_failure" in m and "SystemExit(4)" in m for m in errors), errors
+
+
 # -- 6: one writer thread per manager, however many threads make the first save ----------
 
 def test_concurrent_first_saves_start_one_writer(tmp_path, monkeypatch):
