@@ -68,11 +68,14 @@ class SaveHandle:
         return self._staged.wait(timeout)
 
     def committed(self, timeout: float | None = None) -> bool:
-        """Block until the save has committed or failed; False if ``timeout`` passed first."""
+        """Block until the save has committed (and the post-commit work of that commit,
+        retention and ``on_commit``, is over) or failed; False if ``timeout`` passed first."""
         return self._finished.wait(timeout)
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
-        """The committed checkpoint, or the save's error raised."""
+        """The committed checkpoint, or the save's error raised.  It returns once the
+        retention that followed the commit has run, so a ``list()``/``verify()`` after it
+        never races the manager's own deletions."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"save of step {self.step} not committed after {timeout}s")
         if self._error is not None:
@@ -282,8 +285,10 @@ class Pipeline:
         info = CheckpointInfo.from_manifest(manifest, self.storage.url_of(step_dir_name(step)))
         log.info("step=%d rank=%d: committed %d bytes in %.2fs", step, self.rank,
                  manifest.total_bytes, time.monotonic() - started)
-        job.handle._finish(info, None)
-        self._post_commit(manifest, job)
+        try:
+            self._post_commit(manifest, job)
+        finally:  # after retention: a read that follows result() sees what retention left
+            job.handle._finish(info, None)
 
     def _discard_uncommitted(self, step: int) -> None:
         """Remove what a failed save wrote (it would hold disk space until the next start);

@@ -272,3 +272,22 @@ def test_concurrent_first_saves_start_one_writer(tmp_path, monkeypatch):
                           "results")) == [1, 2, 3, 4]
     _within(mgr.close, "close()")
     assert not (_ours() - before)
+
+
+# -- 7: after result(), the manager's own retention is done: verify never races it ---------
+
+def test_verify_after_result_never_races_retention(tmp_path):
+    state = _state()
+    failures = []
+    with CheckpointManager(tmp_path / "ckpt", compression=None,
+                           retention=Retention(keep_last=1)) as mgr:
+        for step in range(1, 201):
+            mgr.save(step, state).result(timeout=HANG_S)
+            try:
+                report = mgr.verify()
+            except Exception as e:  # noqa: BLE001 - counted, reported below
+                failures.append((step, repr(e)))
+                continue
+            if step not in report or any(report.values()) or not set(report) <= {step - 1, step}:
+                failures.append((step, report))  # retention keeps the newest two
+    assert not failures, failures[:5]
