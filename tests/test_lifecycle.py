@@ -128,6 +128,19 @@ def test_close_joins_every_thread_it_started(tmp_path):
     assert not left, sorted(t.name for t in left)
 
 
+def test_close_that_raises_still_joins_every_thread(tmp_path, faulty_fs):
+    before = _ours()
+    mgr = CheckpointManager(faulty_fs.url(tmp_path / "ckpt"), backup=str(tmp_path / "backup"))
+    mgr.save(1, _state()).result(timeout=HANG_S)
+    faulty_fs.fail_on_write(1)
+    handle = mgr.save(2, _state())
+    assert handle.committed(timeout=HANG_S)
+    with pytest.raises(SaveError):  # the latched failure, raised by close()
+        _within(mgr.close, "close()")
+    left = _ours() - before
+    assert not left, sorted(t.name for t in left)
+
+
 def test_close_joins_a_running_prewarm(tmp_path):
     state = _state()
     with CheckpointManager(tmp_path / "ckpt") as mgr:
