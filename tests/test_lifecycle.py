@@ -147,11 +147,17 @@ def test_close_joins_a_running_prewarm(tmp_path):
         mgr.save(1, state).result(timeout=HANG_S)
     before = _ours()
     mgr = CheckpointManager(tmp_path / "ckpt")
-    mgr.restore(state)
-    thread = mgr._stager._prewarm
-    assert thread is not None and thread.name == "asyncckpt-prewarm"
-    _within(mgr.close, "close()")
-    assert not thread.is_alive() and not (_ours() - before)
+    pool = mgr._stager.host
+    with pool._cond:  # the prewarm thread cannot take a buffer set while the test holds this
+        mgr.restore(state)
+        thread = mgr._stager._prewarm
+        assert thread is not None and thread.name == "asyncckpt-prewarm" and thread.is_alive()
+        closing = threading.Thread(target=mgr.close, name="test-close", daemon=True)
+        closing.start()
+        closing.join(1.0)  # close() must not return while the prewarm is under way
+        assert thread.is_alive() and closing.is_alive(), "close() returned before the prewarm ended"
+    closing.join(HANG_S)
+    assert not closing.is_alive() and not thread.is_alive() and not (_ours() - before)
 
 
 # -- 4: a staging copy that fails midway gives its buffers back -------------------------
