@@ -258,15 +258,19 @@ class CheckpointManager:
                 "bytes; saving the live tensors while training waits (every save of it will)",
                 step, self.rank, self.options.pinned_memory_budget)
             self._warned_direct = blocking = True
-        handle = SaveHandle(step)
-        handle._set_staged(staged.bytes_staged, time.perf_counter() - started)
-        manifest = Manifest(step=step, epoch=epoch, time=_utc_now(), metrics=metrics_f, tags=tags_t,
-                            world_size=self.world_size, param_count=state.param_count(),
-                            codec=self.options.compression, torch_version=torch.__version__,
-                            git_commit=self._git, host=self._host, device=self._device,
-                            milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)))
-        self._pipeline.submit(SaveJob(handle=handle, staged=staged, manifest=manifest,
-                                      overwrite=overwrite, plan=plan))
+        try:
+            handle = SaveHandle(step)
+            handle._set_staged(staged.bytes_staged, time.perf_counter() - started)
+            manifest = Manifest(step=step, epoch=epoch, time=_utc_now(), metrics=metrics_f, tags=tags_t,
+                                world_size=self.world_size, param_count=state.param_count(),
+                                codec=self.options.compression, torch_version=torch.__version__,
+                                git_commit=self._git, host=self._host, device=self._device,
+                                milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)))
+            self._pipeline.submit(SaveJob(handle=handle, staged=staged, manifest=manifest,
+                                          overwrite=overwrite, plan=plan))
+        except BaseException:  # not taken by the writer: the buffers go back to the pool here
+            staged.release()
+            raise
         log.debug("step=%d rank=%d: staged %d bytes in %.3fs", step, self.rank,
                   staged.bytes_staged, handle.stall_s)
         if blocking:
@@ -414,7 +418,7 @@ class CheckpointManager:
                 info = CheckpointInfo.from_manifest(manifest, self.storage.url_of(step_dir_name(manifest.step)))
                 try:
                     self.options.on_commit(info)
-                except Exception as e:  # noqa: BLE001 - a callback never breaks a save
+                except BaseException as e:  # noqa: BLE001 - sys.exit() too: a callback never breaks a save
                     log.error("step=%d rank=%d: on_commit callback raised: %r", manifest.step, self.rank, e)
 
     def _retain_and_mirror(self, manifest: Manifest) -> None:
@@ -798,6 +802,7 @@ class CheckpointManager:
         try:
             self._close_writers()
         finally:
+            self._stager.close()  # joins the prewarm thread
             self._guard.close()
             if signals is not None:
                 signals.uninstall()

@@ -68,11 +68,14 @@ class SaveHandle:
         return self._staged.wait(timeout)
 
     def committed(self, timeout: float | None = None) -> bool:
-        """Block until the save has committed or failed; False if ``timeout`` passed first."""
+        """Block until the save has committed (and the post-commit work of that commit,
+        retention and ``on_commit``, is over) or failed; False if ``timeout`` passed first."""
         return self._finished.wait(timeout)
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
-        """The committed checkpoint, or the save's error raised."""
+        """The committed checkpoint, or the save's error raised.  It returns once the
+        retention that followed the commit has run, so a ``list()``/``verify()`` after it
+        never races the manager's own deletions."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"save of step {self.step} not committed after {timeout}s")
         if self._error is not None:
@@ -114,6 +117,20 @@ class SaveJob:
 
 
 _STOP = object()
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _as_error(e: BaseException, where: str) -> Exception:
+    """``e`` fit to latch: a SystemExit or KeyboardInterrupt caught on the writer thread
+    would end the training when the next ``save()`` re-raises it; it is wrapped instead."""
+    if isinstance(e, Exception):
+        return e
+    err = AsyncCkptError(f"{where} raised {e!r}")
+    err.__cause__ = e
+    return err
 
 
 def codec_workers(writer_threads: int) -> int:
@@ -158,17 +175,26 @@ class Pipeline:
 
     # -- called from the training thread ------------------------------------------
     def submit(self, job: SaveJob) -> None:
+        """Queue ``job`` for the writer.  If this raises (closed, interrupted while waiting for
+        a slot), the job was not taken: the caller still owns its staged buffers."""
         if self._closed:
             raise AsyncCkptError("the checkpoint manager is closed")
         if not self._slots.acquire(blocking=False):
             log.warning("step=%d rank=%d: the writer is behind; waiting for a pending save "
                         "to finish writing", job.handle.step, self.rank)
             self._slots.acquire()
-        with self._lock:
-            self._pending.append(job.handle)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
-            self._thread.start()
+        try:
+            with self._lock:  # one writer per manager, however many threads save at once
+                self._pending.append(job.handle)
+                if self._thread is None:
+                    thread = threading.Thread(target=self._run, name="asyncckpt-writer", daemon=True)
+                    thread.start()
+                    self._thread = thread
+        except BaseException:
+            with self._lock:
+                self._pending = [h for h in self._pending if h is not job.handle]
+            self._slots.release()
+            raise
         self._queue.put(job)
 
     def submit_failed(self, step: int, error: BaseException) -> None:
@@ -224,6 +250,12 @@ class Pipeline:
                 return
             try:
                 self._process(job)
+            except BaseException as e:  # noqa: BLE001 - the writer must outlive any one save
+                log.error("step=%d rank=%d: the writer caught %r; going on with the next save",
+                          job.handle.step, self.rank, e)
+                self._latch(_as_error(e, "the writer"))
+                if not job.handle.done():
+                    job.handle._finish(None, SaveError(job.handle.step, {self.rank: e}))
             finally:
                 job.staged.release()
                 with self._lock:
@@ -243,7 +275,7 @@ class Pipeline:
             if self.on_failure is not None:
                 try:
                     self.on_failure(step, err)
-                except Exception as cb_err:  # noqa: BLE001 - a callback never breaks a save
+                except BaseException as cb_err:  # noqa: BLE001 - sys.exit() too: a callback never breaks a save
                     log.error("step=%d rank=%d: on_failure callback raised: %r", step, self.rank, cb_err)
             if job.cleared:
                 self._discard_uncommitted(step)
@@ -253,8 +285,10 @@ class Pipeline:
         info = CheckpointInfo.from_manifest(manifest, self.storage.url_of(step_dir_name(step)))
         log.info("step=%d rank=%d: committed %d bytes in %.2fs", step, self.rank,
                  manifest.total_bytes, time.monotonic() - started)
-        job.handle._finish(info, None)
-        self._post_commit(manifest, job)
+        try:
+            self._post_commit(manifest, job)
+        finally:  # after retention: a read that follows result() sees what retention left
+            job.handle._finish(info, None)
 
     def _discard_uncommitted(self, step: int) -> None:
         """Remove what a failed save wrote (it would hold disk space until the next start);
@@ -272,9 +306,10 @@ class Pipeline:
         for hook in hooks:
             try:
                 hook(manifest)
-            except Exception as e:  # noqa: BLE001 - latched, never lost
-                log.error("step=%d rank=%d: post-commit work failed: %s", manifest.step, self.rank, e)
-                self._latch(e)
+            except BaseException as e:  # noqa: BLE001 - latched, never lost; the writer goes on
+                log.error("step=%d rank=%d: post-commit work %s failed: %r", manifest.step, self.rank,
+                          _name_of(hook), e)
+                self._latch(_as_error(e, "post-commit work"))
 
     def _latch(self, err: BaseException) -> None:
         with self._lock:

@@ -169,9 +169,10 @@ class PlanCache:
         """
         local: SavePlan | None = None
         error: Exception | None = None
+        current = self._plan  # read once: another thread's save may be replanning meanwhile
         try:
             local, flat = self._local_plan(collect())
-            changed = self._plan is None or self._local is None or not _same_plan(local, self._local)
+            changed = current is None or self._local is None or not _same_plan(local, self._local)
         except Exception as e:  # noqa: BLE001 - the other ranks must hear of it, not hang
             error, changed = e, True
             if self.world_size > 1:
@@ -184,11 +185,11 @@ class PlanCache:
         if failures:
             raise SaveError(step, failures)
         if any(c for c, _ in votes):
-            self._replan(local, step)
-        assert self._plan is not None
-        return self._plan, self._plan.select(flat)
+            current = self._replan(local, step)
+        assert current is not None
+        return current, current.select(flat)
 
-    def _replan(self, local: SavePlan | None, step: int) -> None:
+    def _replan(self, local: SavePlan | None, step: int) -> RankPlan:
         all_plans = self.exchange(local)
         self._plan, self._local = None, None
         try:
@@ -199,6 +200,7 @@ class PlanCache:
         self.replans += 1
         log.info("step=%d rank=%d: save plan computed; bytes per rank %s", step, self.rank,
                  plan.planned_bytes)
+        return plan
 
     def cached_selection(self, tensors: Mapping[str, Any]) -> dict[str, Any] | None:
         """This rank's tensors under the cached plan, without any exchange; None if unknown.

@@ -333,10 +333,20 @@ class Stager:
         layout, pool = _layout(items), self._pool_for(_any_cuda(items))
         if (pool.allocations and pool._layout == layout) or _exceeds(pool, layout):
             return None
+        # not a daemon: finite work, and the interpreter then joins it at exit even if the
+        # manager was dropped without close() (a daemon thread still inside torch when the
+        # interpreter finalises aborts the process: "terminate called without an active exception")
         self._prewarm = threading.Thread(target=self._run_prewarm, args=(pool, layout),
-                                         name="asyncckpt-prewarm", daemon=True)
+                                         name="asyncckpt-prewarm", daemon=False)
         self._prewarm.start()
         return self._prewarm
+
+    def close(self) -> None:
+        """Wait for the prewarm thread (a thread still allocating when the interpreter
+        finalises can abort the process); idempotent."""
+        thread, self._prewarm = self._prewarm, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _run_prewarm(self, pool: BufferPool, layout: Layout) -> None:
         try:
@@ -374,12 +384,18 @@ class Stager:
             return self._stage_device(state_dict, items, layout, nbytes, on_wait, deferrable)
         host = pool.acquire(layout, wait=on_wait)
         staged = Staged({}, nbytes, mode=path, _releases=[lambda: pool.release(host)])
-        if path == "cpu":
-            for p, t in items:
-                host.buffers[p].copy_(_local(t).detach())
-        else:
-            staged._event = self._copy_on_side_stream(items, host.buffers, deferrable)
-        staged.state_dict = _rebuild(state_dict, host.buffers)
+        try:
+            if path == "cpu":
+                for p, t in items:
+                    host.buffers[p].copy_(_local(t).detach())
+            else:
+                staged._event = self._copy_on_side_stream(items, host.buffers, deferrable)
+            staged.state_dict = _rebuild(state_dict, host.buffers)
+        except BaseException:  # KeyboardInterrupt too: a lost set would stall every later save
+            if path != "cpu":  # copies queued before the error may still write into the set
+                self._side_stream().synchronize()
+            staged.release()
+            raise
         return staged
 
     def _copy_on_side_stream(self, items: list[tuple[Path, torch.Tensor]],
@@ -426,7 +442,12 @@ class Stager:
                                            default_sets=1)
         pool = self._device_pool
         dev = pool.acquire(layout, wait=on_wait)
-        event = self._copy_on_side_stream(items, dev.buffers, deferrable)
+        try:
+            event = self._copy_on_side_stream(items, dev.buffers, deferrable)
+        except BaseException:  # copies queued before the error may still write into the set
+            self._side_stream().synchronize()
+            pool.release(dev)
+            raise
         gone = threading.Event()
 
         def release_device_set() -> None:
