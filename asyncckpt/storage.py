@@ -403,7 +403,8 @@ class Storage:
             for sub in subs:
                 path = self.path(f"{rel}/{sub}")
                 self.retry.call(lambda p=path: self._rm_file(p), f"delete {self.url_of(f'{rel}/{sub}')}")
-            self.retry.call(lambda: self._rm_file(self.path(rel)), f"delete {self.url_of(rel)}")
+            if not subs:  # a file (or nothing); a folder's files went one by one above
+                self.retry.call(lambda: self._rm_file(self.path(rel)), f"delete {self.url_of(rel)}")
             if recursive and not self.is_object_store:  # local disk, memory://: the folders
                 folders = {f"{rel}/{sub}".rsplit("/", 1)[0] for sub in subs} | {rel}
                 for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -121,18 +122,27 @@ class RecordingFS(LocalFileSystem):
     protocol = ("recordingrm", "file")
     removed: list[str] = []
 
-    def rm(self, path, recursive=False, maxdepth=None):
-        type(self).removed.append(str(path))
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
+    def rm_file(self, path):
+        type(self).removed.append(self._strip_protocol(path))
+        super().rm_file(path)
+
+    def rmdir(self, path):
+        type(self).removed.append(self._strip_protocol(path) + "/")
+        super().rmdir(path)
 
 
 def test_prune_deletes_the_manifest_first(root, capsys):
     fsspec.register_implementation("recordingrm", RecordingFS, clobber=True)
     RecordingFS.removed = []
     assert _run(capsys, "prune", f"recordingrm://{root}", "--keep-last", "1")[0] == 0
-    assert [p.removeprefix(f"{root}/") for p in RecordingFS.removed] == [
-        "step-0000000001/" + MANIFEST_NAME, "step-0000000001",
-        "step-0000000002/" + MANIFEST_NAME, "step-0000000002"]
+    removed = [p.removeprefix(f"{root}/") for p in RecordingFS.removed]
+    assert removed[0] == "step-0000000001/" + MANIFEST_NAME  # manifest first: never listed half-deleted
+    first = removed[:removed.index("step-0000000001/") + 1]
+    assert removed[len(first)] == "step-0000000002/" + MANIFEST_NAME and removed[-1] == "step-0000000002/"
+    assert all(p.startswith("step-0000000001/") for p in first)
+    assert all(p.startswith("step-0000000002/") for p in removed[len(first):])
+    assert len(set(removed)) == len(removed)
+    assert not (Path(root) / "step-0000000001").exists() and (Path(root) / "step-0000000003").exists()
 
 
 @pytest.mark.parametrize("fmt, dtype", [("safetensors", None), ("safetensors", "bf16"),
