@@ -15,6 +15,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    ForeignFolderError,
     IntegrityError,
     SaveError,
     StateMismatchError,
@@ -40,7 +41,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncCkptError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
-    "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError", "IntegrityError",
+    "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError", "ForeignFolderError",
+    "IntegrityError",
     "Retention", "SaveError", "SaveHandle", "Schedule", "StateMismatchError", "StorageError",
     "TrainState", "UnsafeCheckpointError", "format_params", "parse_milestones", "plan_checkpoints",
 ]

@@ -57,6 +57,11 @@ class CheckpointExistsError(AsyncCkptError, FileExistsError):
     """A checkpoint (or release) at that step or version is already committed."""
 
 
+class ForeignFolderError(CheckpointExistsError):
+    """Where asyncckpt would write a checkpoint, backup copy or release there is a file, or a
+    folder holding files asyncckpt did not write; asyncckpt never deletes those."""
+
+
 class StateMismatchError(AsyncCkptError):
     """The checkpoint and the live state disagree on a key or a shape."""
 

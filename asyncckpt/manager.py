@@ -51,7 +51,8 @@ from .lease import WriteGuard
 from .quarantine import (checked_plan, list_quarantined, quarantine, quarantine_unreadable,
                          retire_expired)
 from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, list_committed,
-                      read_manifest, remove_temporary_files, uncommitted_steps, verify_files)
+                      read_manifest, remove_temporary_files, remove_unfinished_saves,
+                      verify_files)
 from .release import (Provenance, ReleaseInfo, ReleaseOptions, checkpoint_weights, is_release,
                       list_releases, release_weights, remove_unfinished_releases, state_weights,
                       with_release_tags, write_release)
@@ -200,10 +201,7 @@ class CheckpointManager:
         if not self._guard.open():  # the lease before any cleanup: cleaning up is a write
             return
         quarantine_unreadable(self.storage)  # a manifest that does not parse never blocks a step
-        for step in uncommitted_steps(self.storage):
-            name = step_dir_name(step)
-            log.warning("removing %s: a save that never committed", self.storage.url_of(name))
-            self.storage.remove(name, recursive=True)
+        remove_unfinished_saves(self.storage)
         abort_unfinished_saves(self.storage)
         remove_unfinished_releases(self.storage)
         remove_temporary_files(self.storage)

@@ -36,8 +36,8 @@ from .codec import Checksum
 from .errors import AsyncCkptError, CorruptCheckpointError, IntegrityError, StorageError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, step_dir_name
 from .retention import Retention
-from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, list_committed,
-                      uncommitted_steps)
+from .storage import (Storage, abort_unfinished_saves, claim_folder, delete_checkpoint,
+                      list_committed, remove_unfinished_saves)
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ class Mirror:
 
     def _prepare(self) -> None:
         """Remove what a killed mirror left on the backup (only this mirror writes there)."""
-        for step in uncommitted_steps(self.backup):
-            log.warning("removing %s: a backup copy that never committed",
-                        self.backup.url_of(step_dir_name(step)))
-            self.backup.remove(step_dir_name(step), recursive=True)
+        remove_unfinished_saves(self.backup, "a backup copy")
         abort_unfinished_saves(self.backup)
         self._prepared = True
 
@@ -174,10 +171,9 @@ class Mirror:
             if dst.read_bytes(MANIFEST_NAME) == raw:
                 return False
             log.warning("replacing %s: the primary copy was overwritten", dst.url)
-            dst.remove(MANIFEST_NAME)
-        if dst.list_files():
+            dst.remove(MANIFEST_NAME)  # committed: proven ours by its manifest
             dst.remove("", recursive=True)
-        dst.makedirs()
+        claim_folder(dst, commit_file=MANIFEST_NAME, kind="backup copy")
         return True
 
     def _copy(self, src: Storage, dst: Storage, entry: FileEntry) -> None:

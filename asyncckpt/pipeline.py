@@ -33,7 +33,7 @@ from .errors import AsyncCkptError, SaveError
 from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, step_dir_name
 from .planner import PlannedSavePlanner, RankPlan, SavePlanner
 from .staging import Staged
-from .storage import Storage
+from .storage import Storage, claim_folder, remove_unfinished
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save; a single process is a supported mode here.
@@ -295,8 +295,8 @@ class Pipeline:
         every rank is past the write when the failure reaches rank 0's writer."""
         folder = self.storage.child(step_dir_name(step))
         try:
-            if not folder.exists(MANIFEST_NAME):
-                folder.remove("", recursive=True)
+            remove_unfinished(self.storage, step_dir_name(step), commit_file=MANIFEST_NAME,
+                              what="a failed save")
         except Exception as e:  # noqa: BLE001 - the next start removes it anyway
             log.warning("step=%d rank=%d: could not remove the failed save's files at %s: %s",
                         step, self.rank, folder.url, e)
@@ -379,6 +379,6 @@ class Pipeline:
 
                 raise CheckpointExistsError(f"{folder.url} is already committed")
             log.warning("overwriting committed checkpoint %s", folder.url)
-            folder.remove(MANIFEST_NAME)
-        if folder.list_files():
+            folder.remove(MANIFEST_NAME)  # committed: proven ours by its manifest
             folder.remove("", recursive=True)
+        claim_folder(folder, commit_file=MANIFEST_NAME, kind="checkpoint")

@@ -39,7 +39,7 @@ from . import codec as _codec
 from .errors import (CheckpointExistsError, ConfigError, CorruptCheckpointError,
                      StateMismatchError, StorageError)
 from .manifest import FileEntry, Manifest
-from .storage import Storage
+from .storage import Storage, claim_folder, remove_unfinished
 
 if TYPE_CHECKING:
     import torch
@@ -234,10 +234,7 @@ def remove_unfinished_releases(storage: Storage) -> list[str]:
     """
     gone = []
     for name, version in _release_folders(storage):
-        rel = f"{RELEASES_DIR}/{name}"
-        if CARD_NAME not in storage.list_files(rel):
-            log.warning("removing %s: a release that never committed", storage.url_of(rel))
-            storage.remove(rel, recursive=True)
+        if remove_unfinished(storage, f"{RELEASES_DIR}/{name}", commit_file=CARD_NAME, what="a release"):
             gone.append(version)
     return gone
 
@@ -432,11 +429,7 @@ def write_release(storage: Storage, options: ReleaseOptions, tensors: Mapping[st
         raise CheckpointExistsError(f"release {options.version} already exists at "
                                     f"{storage.url_of(folder_rel)}; releases are never overwritten")
     folder = storage.child(folder_rel)
-    if folder.list_files():
-        log.warning("removing %s: an earlier release of %s that never committed",
-                    folder.url, options.version)
-        storage.remove(folder_rel, recursive=True)
-    folder.makedirs()
+    claim_folder(folder, commit_file=CARD_NAME, kind="release")
     ready = prepare(tensors, options.dtype)
     weights = write_weights(folder, WEIGHT_FILES[options.format], ready, format=options.format,
                             metadata={"format": "pt", "version": options.version})

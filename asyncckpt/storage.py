@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import random
@@ -41,7 +42,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from . import codec as _codec
 from .errors import (AsyncCkptError, CheckpointExistsError, ConfigError, CorruptCheckpointError,
-                     StorageError)
+                     ForeignFolderError, StorageError)
 from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
 from .multipart import MultipartWriter, Upload, abort_unfinished
 
@@ -251,7 +252,7 @@ class Storage:
             if not self.is_local:
                 self._put_object(rel, data, create_only)
                 return
-            tmp = f"{rel}.tmp-{uuid.uuid4().hex[:12]}"
+            tmp = f"{rel}{TEMP_INFIX}{uuid.uuid4().hex[:12]}"
             with self.open_write(tmp) as f:
                 f.write(data)
             if create_only:
@@ -319,6 +320,14 @@ class Storage:
             if not self.is_local and hasattr(self.fs, "invalidate_cache"):
                 self.fs.invalidate_cache(path)
             return bool(self.retry.call(lambda: self.fs.exists(path), f"stat {self.url_of(rel)}"))
+
+    def isfile(self, rel: str = "") -> bool:
+        """Whether ``rel`` is a file (not a folder, not missing)."""
+        path = self.path(rel)
+        with self._errors("stat", rel):
+            if not self.is_local and hasattr(self.fs, "invalidate_cache"):
+                self.fs.invalidate_cache(path)
+            return bool(self.retry.call(lambda: self.fs.isfile(path), f"stat {self.url_of(rel)}"))
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors("read", rel):
@@ -400,13 +409,17 @@ class Storage:
             # literal paths only: fsspec's rm() expands *, ? and [...] (a root named "exp[1]"
             # would delete "exp1"'s files), so files are deleted one by one, by name
             subs = self.walk_files(rel) if recursive else []
+            # the folder's marker last: a delete cut short leaves a folder still proven ours
+            subs.sort(key=lambda sub: sub.rsplit("/", 1)[-1] == MARKER_NAME)
             for sub in subs:
-                path = self.path(f"{rel}/{sub}")
-                self.retry.call(lambda p=path: self._rm_file(p), f"delete {self.url_of(f'{rel}/{sub}')}")
+                path = self.path(_join(rel, sub))
+                self.retry.call(lambda p=path: self._rm_file(p), f"delete {self.url_of(_join(rel, sub))}")
             if not subs:  # a file (or nothing); a folder's files went one by one above
                 self.retry.call(lambda: self._rm_file(self.path(rel)), f"delete {self.url_of(rel)}")
             if recursive and not self.is_object_store:  # local disk, memory://: the folders
-                folders = {f"{rel}/{sub}".rsplit("/", 1)[0] for sub in subs} | {rel}
+                parts = [sub.split("/")[:-1] for sub in subs]
+                folders = {_join(rel, "/".join(p[:n])) for p in parts for n in range(1, len(p) + 1)}
+                folders.add(rel)
                 for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rmdir(self.path(folder))
@@ -420,6 +433,10 @@ class Storage:
             if isinstance(e, PermissionError) and not self.fs.isdir(path):
                 raise
             return False  # a folder (macOS says EPERM): its files went one by one
+
+
+def _join(rel: str, sub: str) -> str:
+    return f"{rel}/{sub}" if rel else sub
 
 
 def _discard(f: Any) -> None:
@@ -485,7 +502,15 @@ def abort_unfinished_saves(storage: Storage) -> int:
     return storage.abort_uploads(step_dir_name(0)[:-10])
 
 
-_TEMPORARY = re.compile(r"\.asyncckpt-probe-[0-9a-f]{12}|.+\.tmp-[0-9a-f]{12}")
+TEMP_INFIX = ".asyncckpt-tmp-"
+"""``put_atomic``'s temporary files on local disks are ``<name>.asyncckpt-tmp-<12 hex>``."""
+_ROOT_FILES = (".lease.json",)
+"""The files asyncckpt publishes at a root with ``put_atomic`` (the lease)."""
+_TEMPORARY = re.compile(r"\.asyncckpt-probe-[0-9a-f]{12}|(?:%s)(?:\.asyncckpt-tmp-|\.tmp-)[0-9a-f]{12}"
+                        % "|".join(re.escape(n) for n in _ROOT_FILES))
+"""What a killed writer leaves at a root: a write probe, or a temporary copy of a root file
+(``.tmp-`` is the infix of earlier versions).  The name of a file asyncckpt publishes there
+is the proof that it is ours: ``data.tmp-202401011230`` is left alone."""
 
 
 def remove_temporary_files(storage: Storage) -> list[str]:
@@ -496,6 +521,71 @@ def remove_temporary_files(storage: Storage) -> list[str]:
         log.warning("removing %s: left by a writer that was killed", storage.url_of(name))
         storage.remove(name)
     return stray
+
+
+# -- folders asyncckpt made -------------------------------------------------------------
+
+MARKER_NAME = ".asyncckpt"
+"""Written first into every folder asyncckpt creates (a checkpoint, a backup copy, a release)
+and deleted last: a folder without its commit file (manifest, model card) is an unfinished
+write of asyncckpt's, safe to delete, only when the marker is there."""
+
+
+def mark_folder(folder: Storage, kind: str) -> None:
+    """Create ``folder`` with its marker, before anything else is written into it."""
+    body = json.dumps({"written_by": "asyncckpt", "kind": kind}) + "\n"
+    folder.makedirs()
+    with folder.open_write(MARKER_NAME) as f:
+        f.write(body.encode())
+
+
+def claim_folder(folder: Storage, *, commit_file: str, kind: str) -> None:
+    """Make ``folder`` ready for a new write of ``kind``: remove what an unfinished write of
+    asyncckpt's left there (proven by its marker; the caller deals with a committed one), then
+    mark it.  Raises ``ForeignFolderError`` when the path is a file or holds files asyncckpt
+    did not write: those are never deleted."""
+    here = folder.list_files()
+    if not here and not folder.list_dirs() and folder.isfile():
+        raise ForeignFolderError(f"{folder.url} is a file, not a folder asyncckpt made: asyncckpt "
+                                 f"will not replace it; move it away to write this {kind} there")
+    if here or folder.list_dirs():
+        if MARKER_NAME not in here and commit_file not in here:
+            raise ForeignFolderError(
+                f"{folder.url} holds files asyncckpt did not write ({', '.join(sorted(here)[:3]) or 'folders'}"
+                f"{', ...' if len(here) > 3 else ''}; no {commit_file} and no {MARKER_NAME} marker): "
+                f"asyncckpt will not delete them; move them away to write this {kind} there")
+        log.warning("removing %s: an unfinished %s that never committed", folder.url, kind)
+        folder.remove("", recursive=True)
+    mark_folder(folder, kind)
+
+
+def remove_unfinished(storage: Storage, rel: str, *, commit_file: str, what: str) -> bool:
+    """Delete the folder ``rel`` if it is an unfinished write of asyncckpt's (its marker but not
+    its ``commit_file``); an empty folder goes quietly, one holding files asyncckpt did not write
+    stays (with a warning).  True when it was removed."""
+    folder = storage.child(rel)
+    files = folder.walk_files()
+    if commit_file in files:
+        return False
+    if not files:
+        log.debug("removing the empty folder %s", folder.url)
+        storage.remove(rel, recursive=True)
+        return True
+    if MARKER_NAME not in files:
+        log.warning("leaving %s alone: it has no %s and no %s marker, so asyncckpt did not write it "
+                    "(or an asyncckpt before markers did); delete it by hand if it is not needed",
+                    folder.url, commit_file, MARKER_NAME)
+        return False
+    log.warning("removing %s: %s that never committed", folder.url, what)
+    storage.remove(rel, recursive=True)
+    return True
+
+
+def remove_unfinished_saves(storage: Storage, what: str = "a save") -> list[int]:
+    """Remove the step folders unfinished saves left (see ``remove_unfinished``); their steps.
+    Call only while no save is in flight under this root."""
+    return [step for step in uncommitted_steps(storage)
+            if remove_unfinished(storage, step_dir_name(step), commit_file=MANIFEST_NAME, what=what)]
 
 
 def uncommitted_steps(storage: Storage) -> list[int]:

@@ -17,6 +17,7 @@ from torch import nn
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.cli import main
 from asyncckpt.manifest import MANIFEST_NAME
+from asyncckpt.storage import MARKER_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -72,7 +73,7 @@ def test_list_table_and_json_show_step_epoch_time_size_tags_metrics(tmp_path, ca
     (doc,) = json.loads(out)
     assert code == 0 and doc["step"] == 7 and doc["epoch"] == 2 and doc["tags"] == ["user:x"]
     assert doc["metrics"] == {"loss": 0.125, "acc": 0.5} and doc["time"] == info.time
-    shards = [p for p in (path / "step-0000000007").iterdir() if p.name != MANIFEST_NAME]
+    shards = [p for p in (path / "step-0000000007").iterdir() if p.name not in (MANIFEST_NAME, MARKER_NAME)]
     assert doc["bytes"] == info.bytes == sum(p.stat().st_size for p in shards)
     code, out, _ = _run(capsys, "list", path)
     header, row = out.splitlines()

@@ -21,11 +21,13 @@ from asyncckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    ForeignFolderError,
     SaveError,
     StateMismatchError,
     StorageError,
 )
 from asyncckpt.manifest import seal
+from asyncckpt.storage import MARKER_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -464,6 +466,42 @@ def test_new_manager_removes_uncommitted_folders(tmp_path, caplog):
     mgr.close()
 
 
+def test_files_asyncckpt_did_not_write_are_never_deleted(tmp_path, caplog):
+    """Cleanup and failed saves touch only folders proven asyncckpt's by their marker."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / "step-0000000005").mkdir()
+    (root / "step-0000000005" / "notes.txt").write_text("mine")   # a user's folder
+    (root / "step-0000000006").write_text("my file")              # a user's file
+    (root / "data.tmp-202401011230").write_text("my data")
+    (root / "releases" / "v3.0.0").mkdir(parents=True)
+    (root / "releases" / "v3.0.0" / "weights.bin").write_text("my weights")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        mgr = CheckpointManager(root)
+    assert f"leaving {root / 'step-0000000005'} alone" in caplog.text
+    assert "never committed" not in caplog.text
+    mgr.save(4, TrainState(model=_net()), blocking=True)
+    for step, why in ((5, "holds files asyncckpt did not write"), (6, "is a file, not a folder")):
+        with pytest.raises(SaveError, match=why) as ei:
+            mgr.save(step, TrainState(model=_net()), blocking=True)
+        assert str(root / f"step-{step:010d}") in str(ei.value)
+    with pytest.raises(ForeignFolderError, match="weights.bin"):
+        mgr.release(4, version="3.0.0")
+    mgr.close()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p in before} == before
+    assert all(p.exists() for p in before)
+    assert _steps(CheckpointManager(root, lease=False)) == [4]
+
+
+def test_an_empty_step_folder_goes_quietly(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    (root / "step-0000000003").mkdir(parents=True)  # a save killed between mkdir and its marker
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        CheckpointManager(root).close()
+    assert not (root / "step-0000000003").exists() and caplog.records == []
+
+
 @pytest.mark.parametrize("corrupt", ["bad-json", "bad-field"])
 def test_corrupt_manifest_is_skipped_with_a_warning(tmp_path, caplog, corrupt):
     mgr = _write_two(tmp_path)
@@ -570,8 +608,10 @@ def test_manifest_records_provenance_and_every_file(tmp_path, monkeypatch, in_gi
     assert raw["torch_version"] == torch.__version__ and raw["git_commit"] == commit
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     assert raw["host"] == socket.gethostname() and raw["device"] == device
-    on_disk = {p.name: p.stat().st_size for p in folder.iterdir() if p.name != "manifest.json"}
+    on_disk = {p.name: p.stat().st_size for p in folder.iterdir()
+               if p.name not in ("manifest.json", MARKER_NAME)}
     assert {f["path"]: f["size"] for f in raw["files"]} == on_disk
+    assert (folder / MARKER_NAME).is_file()  # proof for a cleanup that the folder is asyncckpt's
     assert all(f["checksum"] for f in raw["files"])
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from asyncckpt import CheckpointManager, Retention, TrainState
-from asyncckpt.errors import ConfigError, CorruptCheckpointError, StorageError
+from asyncckpt.errors import ConfigError, CorruptCheckpointError, ForeignFolderError, StorageError
 from asyncckpt.manifest import Manifest
 from asyncckpt.mirror import Mirror, with_backup
 from asyncckpt.quarantine import list_quarantined
-from asyncckpt.storage import Storage, list_committed
+from asyncckpt.storage import MARKER_NAME, Storage, list_committed
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -165,10 +165,24 @@ def test_the_mirror_removes_leftovers_of_a_killed_mirror(tmp_path) -> None:
     state, _ = _state()
     torn = tmp_path / "b" / "step-0000000009"
     torn.mkdir(parents=True)
+    (torn / MARKER_NAME).write_text("{}")  # what a mirror writes first into a copy
     (torn / "__0_0.distcp").write_bytes(b"half")
     with CheckpointManager(tmp_path / "p", backup=str(tmp_path / "b")) as mgr:
         mgr.save(1, state)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-0000000001"]
+
+
+def test_the_mirror_never_deletes_files_it_did_not_write_on_the_backup(tmp_path) -> None:
+    state, _ = _state()
+    theirs = tmp_path / "b" / "step-0000000001"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("not a checkpoint")
+    mgr = CheckpointManager(tmp_path / "p", backup=str(tmp_path / "b"))
+    mgr.save(1, state, blocking=True)
+    with pytest.raises(ForeignFolderError, match="notes.txt"):
+        mgr.close()
+    assert (theirs / "notes.txt").read_text() == "not a checkpoint"
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
 
 
 # -- restoring from the backup ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
 from asyncckpt.release import (CARD_NAME, ReleaseOptions, check_version, list_releases, prepare,
                                version_key, write_weights)
-from asyncckpt.storage import Storage
+from asyncckpt.storage import MARKER_NAME, Storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -74,15 +74,15 @@ def test_release_from_a_step_loads_into_a_fresh_model(tmp_path, compression):
         info = mgr.release(10, version="1.0.0", model_card={"license": "mit"},
                            config={"hidden": 8})
     folder = tmp_path / "ckpt" / "releases" / "v1.0.0"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors",
-                                                        CARD_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER_NAME, "config.json",
+                                                        "model.safetensors", CARD_NAME]
     tensors = load_file(str(folder / "model.safetensors"))
     assert tensors.keys() == saved.keys()  # the model only: no optimizer state
     fresh = _load_into_fresh(str(folder / "model.safetensors"))
     for k, v in saved.items():
         assert torch.equal(fresh.state_dict()[k], v), k
     assert (info.version, info.step, info.format, info.dtype) == ("1.0.0", 10, "safetensors", None)
-    assert info.bytes == sum(p.stat().st_size for p in folder.iterdir() if p.name != CARD_NAME)
+    assert info.bytes == sum(p.stat().st_size for p in folder.iterdir() if p.name not in (CARD_NAME, MARKER_NAME))
     assert json.loads((folder / "config.json").read_text()) == {"hidden": 8}
 
 

@@ -20,7 +20,7 @@ from asyncckpt.errors import CheckpointNotFoundError, ConfigError
 from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.retention import EPOCH_END_TAG
 from asyncckpt.schedule import format_params
-from asyncckpt.storage import Storage, list_committed, verify_files
+from asyncckpt.storage import MARKER_NAME, Storage, list_committed, verify_files
 from helpers_prune_child import weights_at
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -103,7 +103,8 @@ def test_100_saves_keep_last_3_leave_exactly_three_and_no_stray_files(tmp_path):
     expected = []
     for m in list_committed(Storage(root)):
         folder = f"step-{m.step:010d}"
-        expected += [folder, f"{folder}/{MANIFEST_NAME}", *(f"{folder}/{f.path}" for f in m.files)]
+        expected += [folder, f"{folder}/{MANIFEST_NAME}", f"{folder}/{MARKER_NAME}",
+                     *(f"{folder}/{f.path}" for f in m.files)]
     assert found == sorted(expected)
 
 
@@ -221,7 +222,8 @@ def test_next_start_removes_half_deleted_folders_and_unfinished_releases(tmp_pat
         for step in (1, 2, 3):
             _save(mgr, step, blocking=True)
     (root / "step-0000000001" / MANIFEST_NAME).unlink()  # a prune cut short after the manifest
-    (root / "releases" / "v2.0.0").mkdir(parents=True)
+    (root / "releases" / "v2.0.0").mkdir(parents=True)  # a release cut short: marker, weights
+    (root / "releases" / "v2.0.0" / MARKER_NAME).write_text("{}")
     (root / "releases" / "v2.0.0" / "model.safetensors").write_bytes(b"partial")
     assert [m.step for m in list_committed(Storage(root))] == [2, 3]  # never listed half-deleted
     caplog.set_level(logging.WARNING, logger="asyncckpt")
@@ -231,10 +233,11 @@ def test_next_start_removes_half_deleted_folders_and_unfinished_releases(tmp_pat
     assert sum("never committed" in r.getMessage() for r in caplog.records) == 2
 
 
-KILL_AT = [2, 4, 7]
+KILL_AT = [2, 4, 6, 8]
 """Kill before the n-th deletion: 2 step 1's manifest gone; 4 and two of its files too;
-7 step 1 gone and step 2's manifest.  Each checkpoint takes 5 deletions (manifest,
-.metadata, two shards, the folder)."""
+6 all its files and its marker too (an empty folder left); 8 step 1 gone and step 2's
+manifest.  Each checkpoint takes 6 deletions (manifest, .metadata, two shards, the marker
+last, the folder)."""
 
 
 def _drive(proc: subprocess.Popen, root: Path, kill_at: int) -> list[str]:
@@ -296,8 +299,8 @@ def test_kill_in_the_middle_of_pruning_leaves_only_restorable_checkpoints(tmp_pa
 def _check_after_crash(root: Path, kill_at: int) -> None:
     storage = Storage(root)
     listed = [m.step for m in list_committed(storage)]
-    gone = (kill_at - 1) // 5  # checkpoints whose manifest and files are all deleted
-    half = (kill_at - 1) % 5 > 0  # one more with its manifest deleted
+    gone = (kill_at - 1) // 6  # checkpoints whose manifest and files are all deleted
+    half = (kill_at - 1) % 6 > 0  # one more with its manifest deleted
     assert listed == list(range(1 + gone + half, 7)), kill_at
     for m in list_committed(storage):  # every listed checkpoint is whole...
         assert verify_files(storage.child(f"step-{m.step:010d}"), m) == []

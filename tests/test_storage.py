@@ -12,8 +12,9 @@ import uuid
 import fsspec
 import pytest
 
-from asyncckpt.errors import CheckpointExistsError, ConfigError, StorageError
-from asyncckpt.storage import Retry, Storage, is_transient, redact
+from asyncckpt.errors import CheckpointExistsError, ConfigError, ForeignFolderError, StorageError
+from asyncckpt.storage import (MARKER_NAME, Retry, Storage, claim_folder, is_transient, redact,
+                               remove_temporary_files, remove_unfinished, remove_unfinished_saves)
 
 
 @pytest.fixture(params=["path", "file-url", "memory"])
@@ -31,6 +32,7 @@ def storage(request: pytest.FixtureRequest, tmp_path):
 
 
 def _write(storage: Storage, rel: str, data: bytes) -> None:
+    storage.makedirs(rel.rsplit("/", 1)[0] if "/" in rel else "")
     with storage.open_write(rel) as f:
         f.write(data)
 
@@ -147,6 +149,69 @@ def test_paths_are_literal_glob_characters_match_only_themselves(storage):
     assert storage.walk_files("exp[1]") == []
     storage.move_dir("exp1", "moved[1]")
     assert storage.walk_files("moved[1]") == ["step/f"]
+
+
+# -- what asyncckpt made, and nothing else ---------------------------------------------------
+
+def test_claim_folder_marks_first_and_clears_only_its_own_leftovers(storage):
+    claim_folder(storage.child("step-0000000001"), commit_file="manifest.json", kind="checkpoint")
+    assert storage.walk_files("step-0000000001") == [MARKER_NAME]
+    _write(storage, "step-0000000001/__0_0.distcp", b"half")  # a save cut short: marked
+    claim_folder(storage.child("step-0000000001"), commit_file="manifest.json", kind="checkpoint")
+    assert storage.walk_files("step-0000000001") == [MARKER_NAME]
+
+
+def test_claim_folder_never_deletes_a_file_or_files_it_did_not_write(storage):
+    _write(storage, "step-0000000006", b"a user's file")
+    _write(storage, "step-0000000007/notes.txt", b"a user's notes")
+    with pytest.raises(ForeignFolderError, match="is a file, not a folder asyncckpt made") as ei:
+        claim_folder(storage.child("step-0000000006"), commit_file="manifest.json", kind="checkpoint")
+    assert storage.url_of("step-0000000006") in str(ei.value)
+    with pytest.raises(ForeignFolderError, match=r"holds files asyncckpt did not write \(notes.txt"):
+        claim_folder(storage.child("step-0000000007"), commit_file="manifest.json", kind="checkpoint")
+    assert storage.read_bytes("step-0000000006") == b"a user's file"
+    assert storage.read_bytes("step-0000000007/notes.txt") == b"a user's notes"
+    assert isinstance(ei.value, CheckpointExistsError)
+
+
+def test_remove_unfinished_takes_marked_folders_and_leaves_the_rest(storage, caplog):
+    for rel in ("step-0000000001/manifest.json", "step-0000000001/__0_0.distcp",   # committed
+                f"step-0000000002/{MARKER_NAME}", "step-0000000002/__0_0.distcp",  # cut short
+                "step-0000000003/notes.txt",                                      # not ours
+                f"releases/v1.0.0/{MARKER_NAME}", "releases/v2.0.0/weights.bin"):
+        _write(storage, rel, rel.encode())
+    with caplog.at_level("WARNING", logger="asyncckpt"):
+        assert remove_unfinished_saves(storage) == [2]
+        assert remove_unfinished(storage, "releases/v1.0.0", commit_file="card", what="a release")
+        assert not remove_unfinished(storage, "releases/v2.0.0", commit_file="card", what="a release")
+    assert storage.walk_files("step-0000000002") == [] and storage.walk_files("releases/v1.0.0") == []
+    assert sorted(storage.walk_files("step-0000000001")) == ["__0_0.distcp", "manifest.json"]
+    assert storage.walk_files("step-0000000003") == ["notes.txt"]
+    assert storage.walk_files("releases/v2.0.0") == ["weights.bin"]
+    left_alone = [r.getMessage() for r in caplog.records if "leaving" in r.getMessage()]
+    assert len(left_alone) == 2 and storage.url_of("step-0000000003") in left_alone[0]
+
+
+def test_remove_deletes_the_marker_last(storage, monkeypatch):
+    for name in (MARKER_NAME, "a", "z", "sub/b", "sub/deeper/c"):
+        _write(storage, f"step-0000000001/{name}", b"x")
+    order = []
+    rm_file = storage.fs.rm_file
+    monkeypatch.setattr(storage.fs, "rm_file",  # records, then really deletes
+                        lambda path, **kw: (order.append(path.rsplit("/", 1)[-1]), rm_file(path, **kw)))
+    storage.remove("step-0000000001", recursive=True)
+    assert order[-1] == MARKER_NAME and sorted(order) == sorted([MARKER_NAME, "a", "b", "c", "z"])
+    assert not storage.exists("step-0000000001") or storage.is_object_store
+
+
+def test_only_asyncckpts_own_temporary_files_are_removed_at_the_root(storage):
+    ours = [".lease.json.asyncckpt-tmp-0123456789ab", ".lease.json.tmp-0123456789ab",
+            ".asyncckpt-probe-0123456789ab"]
+    theirs = ["data.tmp-202401011230", "notes.tmp-0123456789ab", "x.asyncckpt-tmp-0123456789ab"]
+    for name in ours + theirs:
+        _write(storage, name, b"x")
+    assert sorted(remove_temporary_files(storage)) == sorted(ours)
+    assert sorted(storage.list_files()) == sorted(theirs)
 
 
 def test_read_of_a_missing_file_names_it(storage):
