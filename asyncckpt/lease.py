@@ -18,8 +18,9 @@ any write that must be exclusive (raises once the lease was lost), and
 - A lease is this process's only when host, boot id, pid namespace, pid and
   process start time all match (two containers on one host may both run as
   pid 1; a pid may be reused); a lease without a start time (an older file)
-  never is.  A second manager of this process on a held root is refused, and a
-  lease of this process that nothing here holds any more is taken over.
+  never is.  Leases this process holds are kept by resolved root (``ckpt``,
+  ``./ckpt`` and its absolute path are one), so a second manager of this
+  process on a held root is refused, and one it holds no more is taken over.
 - A lease is stale when its heartbeat is older than its ``timeout_s`` (wall
   clocks: hosts must agree within that), or when it was taken on this very
   machine (same host, boot and pid namespace) by a process that is gone: no
@@ -198,6 +199,15 @@ def stale_reason(holder: Holder, *, now: float, here: Holder,
     return None
 
 
+def root_key(storage: Storage) -> str:
+    """One name per root however it is spelled: a local path resolved (``ckpt``, ``./ckpt``, its
+    absolute path and a symlink to it are one), else the protocol and fsspec's normalised path."""
+    if storage.is_local:
+        return os.path.realpath(storage.root)
+    protocol = storage.fs.protocol if isinstance(storage.fs.protocol, str) else storage.fs.protocol[0]
+    return f"{protocol}://{storage.root}"
+
+
 def read_holder(storage: Storage) -> Holder | None:
     """The holder named by ``<root>/.lease.json``, or None when there is none."""
     try:
@@ -220,7 +230,7 @@ def live_holder(storage: Storage, *, now: float | None = None) -> Holder | None:
 
 
 _held: dict[str, str] = {}
-"""Owner ids of the leases held by this process, by root URL."""
+"""Owner ids of the leases held by this process, by ``root_key``."""
 _held_lock = threading.Lock()
 
 
@@ -231,7 +241,7 @@ class Lease:
                  timeout_s: float = TIMEOUT_S, settle_s: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.storage = storage
-        self._key = storage.url
+        self._key = root_key(storage)
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
         self.settle_s = min(1.0, heartbeat_s / 4) if settle_s is None else settle_s
         self._clock = clock

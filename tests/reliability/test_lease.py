@@ -27,7 +27,7 @@ from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.cli import main as cli_main
 from asyncckpt.errors import ConfigError, LeaseError
 from asyncckpt.lease import (LEASE_NAME, Holder, Lease, is_same_process, live_holder, process_start,
-                             read_holder, same_pid_space, stale_reason)
+                             read_holder, root_key, same_pid_space, stale_reason)
 from asyncckpt.storage import Storage
 
 from helpers_crash_child import weights_at
@@ -341,6 +341,23 @@ def test_a_live_pid_with_another_start_time_is_a_reused_pid(tmp_path: Path, capl
     finally:
         other.kill()
         other.wait()
+
+
+def test_one_root_however_it_is_spelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to("ckpt", target_is_directory=True)
+    with CheckpointManager(tmp_path / "ckpt", **FAST) as first:
+        owner = first._guard.lease.holder.owner
+        for spelling in ("ckpt", "./ckpt", "link", f"file://{tmp_path}/ckpt", str(tmp_path / "ckpt") + "/"):
+            with pytest.raises(LeaseError, match="another CheckpointManager of this process.*close"):
+                CheckpointManager(spelling)
+            assert read_holder(first.storage).owner == owner, spelling
+        first.save(1, TrainState(model=weights_at(1)), blocking=True)
+        assert not first._guard.lease.lost.is_set()
+    with CheckpointManager("./ckpt") as again:  # released under one spelling, free under all
+        assert [i.step for i in again.list()] == [1]
+    assert root_key(Storage("link")) == root_key(Storage(str(tmp_path / "ckpt")))
+    assert root_key(Storage("memory://run/a/")) == root_key(Storage("memory:///run/a"))
 
 
 # ---------------------------------------------------------------- two containers on one host
