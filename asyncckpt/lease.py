@@ -279,14 +279,13 @@ class Lease:
 
     def _refuse_unless_stale(self, current: Holder, mine: Holder) -> None:
         reason = stale_reason(current, now=self._clock(), here=mine)
+        with _held_lock:
+            held_here = _held.get(self._key) == current.owner  # owner ids are random: proof enough
+        if reason is None and held_here:
+            raise LeaseError(f"{self.storage.url} is already written by another CheckpointManager "
+                             f"of this process ({current.describe(self._clock())}); close() it first")
         if reason is None and is_same_process(current, mine):
-            with _held_lock:
-                ours = _held.get(self._key) == current.owner
-            if not ours:
-                reason = "it was left by this process and nothing here holds it any more"
-            else:
-                raise LeaseError(f"{self.storage.url} is already written by another CheckpointManager "
-                                 f"of this process ({current.describe(self._clock())}); close() it first")
+            reason = "it was left by this process and nothing here holds it any more"
         if reason is None:
             raise LeaseError(f"{self.storage.url} is in use by another writer: "
                              f"{current.describe(self._clock())}. Two jobs must not write one root; "
