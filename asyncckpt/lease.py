@@ -3,8 +3,9 @@
 Two jobs started on the same root by mistake would delete each other's
 in-flight saves (a new manager removes step folders without a manifest) and
 prune each other's checkpoints.  The writer therefore holds a lease, the
-small JSON file ``<root>/.lease.json``: owner id (random), host, pid, start
-time, last heartbeat, and the timeout it promises to heartbeat within.
+small JSON file ``<root>/.lease.json``: owner id (random), when it was taken,
+last heartbeat, the timeout it promises to heartbeat within, and who the writer
+is: host, boot id, pid namespace, pid and the process's start time.
 
 Call order: ``Lease(storage, ...)``, ``acquire()`` (raises ``LeaseError``
 naming the holder when another live writer has the root), ``check()`` before
@@ -14,9 +15,16 @@ any write that must be exclusive (raises once the lease was lost), and
 
 - Acquiring is a create-only put (a hard link locally, ``If-None-Match: *``
   on S3), so of two writers starting together exactly one gets the file.
+- A lease is this process's only when host, boot id, pid namespace, pid and
+  process start time all match (two containers on one host may both run as
+  pid 1; a pid may be reused); a lease without a start time (an older file)
+  never is.  Leases this process holds are kept by resolved root (``ckpt``,
+  ``./ckpt`` and its absolute path are one), so a second manager of this
+  process on a held root is refused, and one it holds no more is taken over.
 - A lease is stale when its heartbeat is older than its ``timeout_s`` (wall
   clocks: hosts must agree within that), or when it was taken on this very
-  machine (same host, boot and pid namespace) by a process that is gone.  A
+  machine (same host, boot and pid namespace) by a process that is gone: no
+  process has its pid, or one that started at another time.  A
   stale lease is taken over: re-read it (unchanged?), delete it, create-only
   put ours, wait ``settle_s`` and read it back; a contender that lost the race
   finds the other owner there and raises.  The heartbeat also reads the
@@ -52,7 +60,7 @@ _ACQUIRE_TRIES = 4
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="ascii") as f:
+        with open(path, encoding="ascii", errors="replace") as f:  # a command name may be any bytes
             return f.read().strip()
     except OSError:
         return ""
@@ -63,6 +71,23 @@ def _pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+
+
+def _start_ticks(stat: str) -> int:
+    """Field 22 of a ``/proc/<pid>/stat`` line: the start time in clock ticks since boot (0: unknown)."""
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name, in parentheses, may hold spaces
+    try:
+        return int(fields[19])  # fields[0] is field 3, the state
+    except (IndexError, ValueError):
+        return 0
+
+
+def _proc_is_ours() -> bool:
+    """Whether ``/proc`` shows this pid namespace (a container without its own /proc sees the host's)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,12 +110,16 @@ class Holder:
     """The host's boot id (Linux): a pid from before a reboot is not compared."""
     pid_ns: str = ""
     """The pid namespace (Linux): pids of other containers are not compared."""
+    pid_start_ticks: int = 0
+    """When the writer process started (field 22 of ``/proc/<pid>/stat``, clock ticks since boot;
+    0: unknown): the same pid with another start time is another process."""
 
     @classmethod
     def for_this_process(cls, *, now: float, timeout_s: float) -> "Holder":
         return cls(owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(), started=now,
                    heartbeat=now, timeout_s=timeout_s,
-                   boot_id=_read_text("/proc/sys/kernel/random/boot_id"), pid_ns=_pid_namespace())
+                   boot_id=_read_text("/proc/sys/kernel/random/boot_id"), pid_ns=_pid_namespace(),
+                   pid_start_ticks=_start_ticks(_read_text("/proc/self/stat")))
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=1) + "\n").encode()
@@ -102,7 +131,8 @@ class Holder:
             return cls(owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]),
                        timeout_s=float(raw["timeout_s"]), boot_id=str(raw.get("boot_id", "")),
-                       pid_ns=str(raw.get("pid_ns", "")))
+                       pid_ns=str(raw.get("pid_ns", "")),
+                       pid_start_ticks=int(raw.get("pid_start_ticks", 0)))
         except (ValueError, TypeError, KeyError) as e:
             raise LeaseError(f"{source} is not a readable lease ({type(e).__name__}: {e}); if no job "
                              "writes to this root, delete it") from e
@@ -115,31 +145,67 @@ class Holder:
                 f" (last heartbeat {age:.0f}s ago)").replace("+00:00", "Z")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this pid namespace is running (a zombie counts as gone)."""
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` of this pid namespace started (clock ticks since boot); 0 when it runs
+    but that cannot be read (``/proc`` is another namespace's), None when none runs (a zombie
+    counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        return True
+        pass  # it runs, as another user
+    if not _proc_is_ours():
+        return 0
     stat = _read_text(f"/proc/{pid}/stat")
-    return not (stat and stat.rsplit(")", 1)[-1].split()[:1] == ["Z"])
+    if stat and stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
+        return None
+    return _start_ticks(stat)
+
+
+def same_pid_space(holder: Holder, here: Holder) -> bool:
+    """Whether ``holder``'s pid names a process ``here`` can see: same host, boot and pid namespace
+    (both known)."""
+    return bool(holder.boot_id and holder.pid_ns) and \
+        (holder.host, holder.boot_id, holder.pid_ns) == (here.host, here.boot_id, here.pid_ns)
+
+
+def is_same_process(holder: Holder, here: Holder) -> bool:
+    """Whether ``holder`` was written by the process ``here`` describes: same pid space, pid and
+    start time (a holder without a start time, from an older version, never is)."""
+    return same_pid_space(holder, here) and holder.pid == here.pid and \
+        holder.pid_start_ticks > 0 and holder.pid_start_ticks == here.pid_start_ticks
 
 
 def stale_reason(holder: Holder, *, now: float, here: Holder,
-                 alive: Callable[[int], bool] = pid_alive) -> str | None:
-    """Why ``holder`` no longer holds the root (pure but for ``alive``), or None while it does.
+                 started: Callable[[int], int | None] = process_start) -> str | None:
+    """Why ``holder`` no longer holds the root (pure but for ``started``), or None while it does.
 
-    ``here`` is this process's own record (host, boot and pid namespace are compared).
+    ``here`` is this process's own record; ``started(pid)`` is ``process_start`` (asked only
+    for a pid of ``here``'s pid space other than its own).  A holder in another pid space (host,
+    container, boot) is judged by its heartbeat alone.
     """
     age = now - holder.heartbeat
     if age > holder.timeout_s:
         return f"its last heartbeat is {age:.0f}s old (timeout {holder.timeout_s:g}s)"
-    same_machine = (holder.host, holder.boot_id, holder.pid_ns) == (here.host, here.boot_id, here.pid_ns)
-    if same_machine and holder.boot_id and holder.pid_ns and holder.pid != here.pid and not alive(holder.pid):
+    if not same_pid_space(holder, here):
+        return None
+    ticks = here.pid_start_ticks if holder.pid == here.pid else started(holder.pid)
+    if ticks is None:
         return f"its process {holder.pid} on this host is gone"
+    if ticks and holder.pid_start_ticks and ticks != holder.pid_start_ticks:
+        return (f"its process {holder.pid} on this host is gone: pid {holder.pid} is now another "
+                f"process (started {ticks} clock ticks after boot, the holder {holder.pid_start_ticks})")
     return None
+
+
+def root_key(storage: Storage) -> str:
+    """One name per root however it is spelled: a local path resolved (``ckpt``, ``./ckpt``, its
+    absolute path and a symlink to it are one), else the protocol and fsspec's normalised path."""
+    if storage.is_local:
+        return os.path.realpath(storage.root)
+    protocol = storage.fs.protocol if isinstance(storage.fs.protocol, str) else storage.fs.protocol[0]
+    return f"{protocol}://{storage.root}"
 
 
 def read_holder(storage: Storage) -> Holder | None:
@@ -164,7 +230,7 @@ def live_holder(storage: Storage, *, now: float | None = None) -> Holder | None:
 
 
 _held: dict[str, str] = {}
-"""Owner ids of the leases held by this process, by root URL."""
+"""Owner ids of the leases held by this process, by ``root_key``."""
 _held_lock = threading.Lock()
 
 
@@ -175,6 +241,7 @@ class Lease:
                  timeout_s: float = TIMEOUT_S, settle_s: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.storage = storage
+        self._key = root_key(storage)
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
         self.settle_s = min(1.0, heartbeat_s / 4) if settle_s is None else settle_s
         self._clock = clock
@@ -212,14 +279,13 @@ class Lease:
 
     def _refuse_unless_stale(self, current: Holder, mine: Holder) -> None:
         reason = stale_reason(current, now=self._clock(), here=mine)
-        if reason is None and current.pid == mine.pid and current.host == mine.host:
-            with _held_lock:
-                ours = _held.get(self.storage.url) == current.owner
-            if not ours:
-                reason = "it was left by this process and nothing here holds it any more"
-            else:
-                raise LeaseError(f"{self.storage.url} is already written by another CheckpointManager "
-                                 f"of this process ({current.describe(self._clock())}); close() it first")
+        with _held_lock:
+            held_here = _held.get(self._key) == current.owner  # owner ids are random: proof enough
+        if reason is None and held_here:
+            raise LeaseError(f"{self.storage.url} is already written by another CheckpointManager "
+                             f"of this process ({current.describe(self._clock())}); close() it first")
+        if reason is None and is_same_process(current, mine):
+            reason = "it was left by this process and nothing here holds it any more"
         if reason is None:
             raise LeaseError(f"{self.storage.url} is in use by another writer: "
                              f"{current.describe(self._clock())}. Two jobs must not write one root; "
@@ -249,7 +315,7 @@ class Lease:
         self.holder, self._lost, self._last_beat = mine, None, mine.heartbeat
         self.lost.clear()
         with _held_lock:
-            _held[self.storage.url] = mine.owner
+            _held[self._key] = mine.owner
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="asyncckpt-lease", daemon=True)
         self._thread.start()
@@ -305,8 +371,8 @@ class Lease:
         if holder is None:
             return
         with _held_lock:
-            if _held.get(self.storage.url) == holder.owner:
-                del _held[self.storage.url]
+            if _held.get(self._key) == holder.owner:
+                del _held[self._key]
         once = self.storage.child("")
         once.retry = Retry(attempts=2, deadline_s=2.0)  # at exit the store may be gone: do not wait
         try:
