@@ -151,6 +151,7 @@ class Storage:
         except (ValueError, ImportError, TypeError) as e:
             err = self.error_for("open", "", e)
             raise err from (None if isinstance(err.cause, str) else e)
+        self.fs, root = _unwrap(self.fs, root, self.url)
         self.root = root.rstrip("/") or root
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols or "local" in protocols
@@ -433,6 +434,32 @@ class Storage:
             if isinstance(e, PermissionError) and not self.fs.isdir(path):
                 raise
             return False  # a folder (macOS says EPERM): its files went one by one
+
+
+def _unwrap(fs: Any, root: str, url: str) -> tuple[Any, str]:
+    """The filesystem that really holds ``root``.  A ``dir::``/``dir://`` prefix is only a path
+    prefix: it is resolved here, so a local disk under it keeps fsync and atomic, create-only
+    publishing.  Any other wrapper (``simplecache::``, ``filecache::``, ``blockcache::``, ...)
+    puts its own file handling between asyncckpt and the storage (a write lands in a cache and
+    is copied on close: no fsync, no create-only manifest), so it is refused."""
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    while isinstance(getattr(fs, "fs", None), fsspec.AbstractFileSystem):
+        if not isinstance(fs, DirFileSystem):
+            name = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            raise ConfigError(f"root {url!r}: {name}:: wraps the storage in {type(fs).__name__}, "
+                              "which writes through a cache (no fsync, no atomic create-only "
+                              "manifest), so checkpoints there would be less durable than on the "
+                              "storage itself; give the storage's own URL instead")
+        inner = fs._strip_protocol(root)
+        if fs.path and ".." in inner.split("/"):
+            raise ConfigError(f"root {url!r}: {inner!r} leaves the {fs.path!r} folder of dir://")
+        root = (fs.fs.sep.join((fs.path, inner)) if inner else fs.path) if fs.path else inner
+        log.debug("root %s: dir:// over %s, at %s", url, type(fs.fs).__name__, root)
+        fs = fs.fs
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            root = os.path.normpath(root)
+    return fs, root
 
 
 def _join(rel: str, sub: str) -> str:

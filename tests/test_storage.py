@@ -228,6 +228,51 @@ def test_check_writable_leaves_nothing_behind(storage):
     storage.fsync_dir()                                 # a no-op where it does not apply
 
 
+# -- fsspec wrappers of the local disk ---------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["dir-chain", "dir-url"])
+def test_a_dir_prefix_over_the_local_disk_keeps_fsync_and_create_only_publishing(tmp_path, monkeypatch,
+                                                                                 how):
+    import os
+
+    import torch
+
+    from asyncckpt import CheckpointManager, TrainState
+
+    url, opts = ((f"dir::file://{tmp_path}/r", {}) if how == "dir-chain"
+                 else ("dir://sub", {"path": str(tmp_path / "r")}))
+    theirs, where = fsspec.core.url_to_fs(url, **opts)   # where fsspec itself puts files
+    theirs.makedirs(where, exist_ok=True)
+    theirs.pipe_file(f"{where}/theirs.txt", b"written through fsspec")
+    calls = {"fsync": 0, "link": 0}
+    for name in calls:
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _r=real, _n=name: (calls.__setitem__(_n, calls[_n] + 1),
+                                                                    _r(*a))[1])
+    storage = Storage(url, opts)
+    assert storage.is_local and storage.list_files() == {"theirs.txt": 22}
+    model = torch.nn.Linear(3, 2)
+    with CheckpointManager(url, storage_options=opts) as mgr:
+        mgr.save(1, TrainState(model=model), blocking=True)
+    assert calls["fsync"] >= 4 and calls["link"] >= 2   # each file and folder; manifest and lease are linked
+    assert theirs.exists(f"{where}/step-0000000001/manifest.json")
+    fresh = torch.nn.Linear(3, 2)
+    with CheckpointManager(url, storage_options=opts) as mgr:
+        assert mgr.restore(TrainState(model=fresh)) == 1
+    assert torch.equal(fresh.weight, model.weight)
+
+
+@pytest.mark.parametrize("wrapper", ["simplecache", "filecache", "blockcache"])
+def test_a_caching_wrapper_is_refused_before_anything_is_written(tmp_path, wrapper):
+    from asyncckpt import CheckpointManager
+
+    url = f"{wrapper}::file://{tmp_path}/r"
+    with pytest.raises(ConfigError, match=f"{wrapper}:: wraps the storage.*less durable") as ei:
+        CheckpointManager(url)
+    assert url in str(ei.value)
+    assert not (tmp_path / "r").exists()
+
+
 def test_empty_root_is_refused():
     with pytest.raises(ConfigError, match="root"):
         Storage("")
