@@ -17,12 +17,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import AsyncCkptError, ConfigError, CorruptCheckpointError, LeaseError
+from .errors import (AsyncCkptError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
+                     LeaseError, StorageError)
 from .lease import live_holder
-from .manifest import MANIFEST_NAME, CheckpointInfo, parse_step_dir, select, step_dir_name
+from .manifest import CheckpointInfo, select, step_dir_name
 from .quarantine import checked_plan, list_quarantined, quarantine, retire_expired
 from .retention import Retention
-from .storage import Storage, delete_checkpoint, list_committed, read_manifest, verify_files
+from .storage import (Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
+                      read_manifest, verify_checkpoint)
 
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -95,24 +97,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manifest_steps(storage: Storage) -> list[int]:
-    """Steps whose folder holds a manifest, readable or not (verify reports a damaged one)."""
-    return sorted(step for name in storage.list_dirs() if (step := parse_step_dir(name)) is not None
-                  and MANIFEST_NAME in storage.list_files(name))
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = _storage(args)
     report: dict[int, list[str]] = {}
     manifests = {}
-    for step in [args.step] if args.step is not None else _manifest_steps(storage):
+    for step in [args.step] if args.step is not None else manifest_steps(storage):
         try:
             manifests[step] = read_manifest(storage, step)
         except CorruptCheckpointError as e:  # a damaged manifest is a failed check, not bad input
             report[step] = [str(e)]
+        except StorageError:
+            if args.step is not None or is_committed(storage, step):
+                raise  # deleted since listing (a job's retention): not checked, not damaged
     with _progress(sum(m.total_bytes for m in manifests.values()), "verify") as bar:
         for step, manifest in manifests.items():
-            report[step] = verify_files(storage.child(step_dir_name(step)), manifest, bar.update)
+            problems = verify_checkpoint(storage, step, manifest, bar.update)
+            if problems is None and args.step is not None:
+                raise CheckpointNotFoundError(f"at step {step} (deleted while it was verified)",
+                                              storage.url, [m.step for m in list_committed(storage)])
+            if problems is not None:
+                report[step] = problems
     bad = {s: p for s, p in report.items() if p}
     aside = [q for q in list_quarantined(storage) if args.step is None or q.step == args.step]
     if args.json:

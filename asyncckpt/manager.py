@@ -35,8 +35,7 @@ from .errors import (
     IntegrityError,
     StorageError,
 )
-from .manifest import (MANIFEST_NAME, CheckpointInfo, Manifest, check_step, parse_step_dir, select,
-                       step_dir_name)
+from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
 from .dcp_io import METADATA_NAME
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .planner import PlanCache
@@ -50,9 +49,9 @@ from .multipart import Upload
 from .lease import WriteGuard
 from .quarantine import (checked_plan, list_quarantined, quarantine, quarantine_unreadable,
                          retire_expired)
-from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, list_committed,
-                      read_manifest, remove_temporary_files, remove_unfinished_saves,
-                      verify_files)
+from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, is_committed,
+                      list_committed, manifest_steps, read_manifest, remove_temporary_files,
+                      remove_unfinished_saves, verify_checkpoint)
 from .release import (Provenance, ReleaseInfo, ReleaseOptions, checkpoint_weights, is_release,
                       list_releases, release_weights, remove_unfinished_releases, state_weights,
                       with_release_tags, write_release)
@@ -477,20 +476,16 @@ class CheckpointManager:
         A manifest that cannot be read is a problem too (``list()`` skips it).
         """
         store = self.storage
-        steps = [check_step(step)] if step is not None else sorted(
-            s for name in store.list_dirs() if (s := parse_step_dir(name)) is not None
-            and MANIFEST_NAME in store.list_files(name))
+        steps = [check_step(step)] if step is not None else manifest_steps(store)
         out = {}
         for s in steps:
-            try:
-                m = read_manifest(store, s)
-            except StorageError as e:
-                raise CheckpointNotFoundError(f"at step {s}", self.root,
-                                              [m.step for m in list_committed(store)]) from e
-            except CorruptCheckpointError as e:
-                out[s] = [str(e)]
+            problems = verify_checkpoint(store, s)
+            if problems is None:  # deleted meanwhile (retention of a save in flight): not damage
+                if step is not None:
+                    raise CheckpointNotFoundError(f"at step {s}", self.root,
+                                                  [m.step for m in list_committed(store)])
                 continue
-            out[s] = verify_files(store.child(step_dir_name(s)), m)
+            out[s] = problems
         return out
 
     def list(self, *, backup: bool = False) -> list[CheckpointInfo]:
@@ -618,7 +613,21 @@ class CheckpointManager:
                 self.last_restore_report = _restore.load_into(
                     store.child(step_dir_name(m.step)), m, state, rank=self.rank,
                     group=self._fg_group, **load)
-            except IntegrityError as e:
+            except (IntegrityError, StorageError) as e:
+                if isinstance(e, StorageError):  # a file vanished: deleted meanwhile, or trouble
+                    kept = is_committed(store, m.step)
+                else:  # every rank raised it (load_into agrees): rank 0 looks, all follow
+                    kept = _dist.broadcast_object(
+                        is_committed(store, m.step) if self.rank == 0 else None, self._fg_group)
+                if kept:
+                    if isinstance(e, StorageError):
+                        raise
+                elif which == "latest":  # deleted by retention meanwhile: not damage
+                    log.info("step=%d was deleted while restoring it; trying an older one", m.step)
+                    continue
+                else:
+                    raise CheckpointNotFoundError(f"at step {m.step}", self.root,
+                                                  [c.step for c in list_committed(store)]) from e
                 if which != "latest" and i == len(candidates) - 1:
                     raise
                 errors.append(e)
@@ -629,6 +638,9 @@ class CheckpointManager:
                 continue
             self._after_restore(m, state)
             return m.step
+        if not errors:  # every candidate was deleted while being read
+            raise CheckpointNotFoundError(f"{which!r}", self.root,
+                                          [c.step for c in list_committed(self.storage)])
         raise CorruptCheckpointError(self.root, "a restorable checkpoint",
                                      f"{len(errors)} damaged", "; ".join(map(str, errors)))
 

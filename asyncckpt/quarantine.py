@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from .errors import CorruptCheckpointError, StorageError
 from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
 from .retention import Retention, RetentionPlan
-from .storage import Storage, read_manifest, verify_files
+from .storage import Storage, manifest_steps, read_manifest, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,7 @@ def quarantine_unreadable(storage: Storage) -> list[Quarantined]:
     """Quarantine every step folder whose manifest exists but does not parse (or names
     another step).  A manifest that cannot be read for a storage error is left alone."""
     out = []
-    for name in storage.list_dirs():
-        step = parse_step_dir(name)
-        if step is None or MANIFEST_NAME not in storage.list_files(name):
-            continue
+    for step in manifest_steps(storage):
         try:
             read_manifest(storage, step)
         except CorruptCheckpointError as e:

@@ -495,6 +495,12 @@ def read_manifest(storage: Storage, step: int) -> Manifest:
     return m
 
 
+def manifest_steps(storage: Storage) -> list[int]:
+    """Steps whose folder holds a manifest, readable or not, in order."""
+    return sorted(step for name in storage.list_dirs() if (step := parse_step_dir(name)) is not None
+                  and MANIFEST_NAME in storage.list_files(name))
+
+
 def list_committed(storage: Storage) -> list[Manifest]:
     """Every checkpoint under the root with a readable manifest, oldest first.
 
@@ -502,15 +508,41 @@ def list_committed(storage: Storage) -> list[Manifest]:
     one whose manifest cannot be read is skipped with a warning.
     """
     out = []
-    for name in storage.list_dirs():
-        step = parse_step_dir(name)
-        if step is None or MANIFEST_NAME not in storage.list_files(name):
-            continue
+    for step in manifest_steps(storage):
+        name = step_dir_name(step)
         try:
             out.append(read_manifest(storage, step))
         except (CorruptCheckpointError, StorageError) as e:
+            if isinstance(e, StorageError) and not is_committed(storage, step):
+                log.debug("skipping %s: deleted while listing", storage.url_of(name))
+                continue
             log.warning("skipping %s: %s", storage.url_of(name), e)
     return sorted(out, key=lambda m: m.step)
+
+
+def is_committed(storage: Storage, step: int) -> bool:
+    """Whether ``step``'s manifest is (still) there.  Deletes remove the manifest first, so a
+    read that fails while this is False met a deletion (retention), not damage."""
+    return storage.exists(f"{step_dir_name(step)}/{MANIFEST_NAME}")
+
+
+def verify_checkpoint(storage: Storage, step: int, manifest: Manifest | None = None,
+                      on_bytes: Callable[[int], object] | None = None) -> list[str] | None:
+    """Problems with one checkpoint (empty when whole), or None when it was deleted (by
+    retention, say) before or while it was read: a deletion is never reported as damage.
+    A manifest that cannot be parsed is a problem; ``on_bytes`` as for ``verify_files``."""
+    try:
+        manifest = manifest or read_manifest(storage, step)
+        problems = verify_files(storage.child(step_dir_name(step)), manifest, on_bytes)
+    except CorruptCheckpointError as e:
+        problems = [str(e)]
+    except StorageError:
+        if is_committed(storage, step):
+            raise
+        return None
+    if problems and not is_committed(storage, step):
+        return None
+    return problems
 
 
 def delete_checkpoint(storage: Storage, step: int) -> None:

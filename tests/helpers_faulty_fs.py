@@ -10,7 +10,7 @@ Every ``write()`` on a file opened for writing is counted, across threads.
 ``fail_on_write(n)`` makes the n-th write from then on raise ``OSError``
 (later writes succeed); ``pause()`` makes writes wait until ``release()``,
 and sets ``paused`` once a writer is waiting, so a test can synchronise on it
-instead of sleeping.
+instead of sleeping.  ``on_read`` runs a function just before a chosen file is read.
 """
 
 from __future__ import annotations
@@ -58,8 +58,15 @@ class FaultyFS(LocalFileSystem):
     gate: threading.Event | None = None
     paused = threading.Event()
     lock = threading.Lock()
+    on_read: tuple[str, Any] | None = None
+    """``(substring, fn)``: ``fn()`` runs once, just before the first file whose path
+    contains ``substring`` is opened for reading (an interleaving placed without sleeps)."""
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        hook = type(self).on_read
+        if hook is not None and "r" in mode and hook[0] in str(path):
+            type(self).on_read = None
+            hook[1]()  # runs in the reader's thread, before the file is opened
         f = super()._open(path, mode, **kwargs)
         return _FaultyFile(f, type(self)) if any(c in mode for c in "wax") else f
 
@@ -116,7 +123,7 @@ def new_faulty_fs() -> type[FaultyFS]:
     name = f"faulty{next(_ids)}"
     cls = type(f"FaultyFS_{name}", (FaultyFS,), {
         "protocol": (name, "file"), "writes": 0, "fail_at": None, "failures": 0,
-        "gate": None, "paused": threading.Event(), "lock": threading.Lock(),
+        "gate": None, "paused": threading.Event(), "lock": threading.Lock(), "on_read": None,
     })
     fsspec.register_implementation(name, cls, clobber=True)
     return cls

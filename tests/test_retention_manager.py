@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from asyncckpt import CheckpointManager, Retention, Schedule, TrainState
@@ -20,7 +21,8 @@ from asyncckpt.errors import CheckpointNotFoundError, ConfigError
 from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.retention import EPOCH_END_TAG
 from asyncckpt.schedule import format_params
-from asyncckpt.storage import MARKER_NAME, Storage, list_committed, verify_files
+from asyncckpt.quarantine import list_quarantined
+from asyncckpt.storage import MARKER_NAME, Storage, delete_checkpoint, list_committed, verify_files
 from helpers_prune_child import weights_at
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -146,6 +148,62 @@ def test_nothing_is_deleted_before_the_save_that_makes_it_surplus_commits(tmp_pa
         handle.result(timeout=30)
         mgr.wait()
         assert _steps(mgr) == [3, 4] and _on_disk(root) == [3, 4]
+
+
+# -- readers never trip over retention's deletions --------------------------------------------
+
+@pytest.mark.parametrize("at", [MANIFEST_NAME, "__0_0.distcp"])
+def test_verify_and_list_skip_a_checkpoint_deleted_while_they_read_it(tmp_path, faulty_fs, caplog, at):
+    """Retention's own delete runs exactly between a reader's listing and its read."""
+    root = tmp_path / "ckpt"
+    with CheckpointManager(faulty_fs.url(root), compression=None) as mgr:
+        for step in (1, 2, 3):
+            _save(mgr, step, blocking=True)
+        caplog.set_level(logging.WARNING, logger="asyncckpt")
+        faulty_fs.on_read = (f"step-0000000002/{at}", lambda: delete_checkpoint(Storage(root), 2))
+        assert mgr.verify() == {1: [], 3: []} and faulty_fs.on_read is None
+        faulty_fs.on_read = (f"step-0000000001/{MANIFEST_NAME}", lambda: delete_checkpoint(Storage(root), 1))
+        assert _steps(mgr) == [3] and faulty_fs.on_read is None
+        faulty_fs.on_read = (f"step-0000000003/{at}", lambda: delete_checkpoint(Storage(root), 3))
+        with pytest.raises(CheckpointNotFoundError, match="at step 3"):
+            mgr.verify(3)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_restore_latest_moves_on_when_the_newest_is_deleted_while_it_reads(tmp_path, faulty_fs, caplog):
+    root = tmp_path / "ckpt"
+    with CheckpointManager(faulty_fs.url(root)) as mgr:
+        for step in (1, 2):
+            _save(mgr, step, blocking=True)
+        caplog.set_level(logging.WARNING, logger="asyncckpt")
+        faulty_fs.on_read = ("step-0000000002/__0_0", lambda: delete_checkpoint(Storage(root), 2))
+        state = _state(0)
+        assert mgr.restore(state) == 1 and faulty_fs.on_read is None
+        assert all(torch.equal(a, b) for a, b in zip(state.models["model"].state_dict().values(),
+                                                     weights_at(1).state_dict().values()))
+        faulty_fs.on_read = ("step-0000000001/__0_0", lambda: delete_checkpoint(Storage(root), 1))
+        with pytest.raises(CheckpointNotFoundError, match="at step 1"):
+            mgr.restore(_state(0), 1)
+    assert list_quarantined(Storage(root)) == []          # a deletion is not damage
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_readers_right_after_save_never_fail_on_the_retention_in_flight(tmp_path):
+    """200 saves with keep_last=1; after each save() returns, verify() and list() run while
+    the previous save's retention (on the writer thread) may be deleting."""
+    root = tmp_path / "ckpt"
+    failures = []
+    with CheckpointManager(root, retention=Retention(keep_last=1), compression=None) as mgr:
+        for step in range(1, 201):
+            mgr.save(step, _state(step % 3))
+            try:
+                report, listed = mgr.verify(), _steps(mgr)
+                assert all(p == [] for p in report.values()), report
+                assert listed == sorted(listed) and set(listed) <= set(range(1, step + 1))
+            except Exception as e:  # noqa: BLE001 - counted: the test asserts there is none
+                failures.append(f"after save {step}: {type(e).__name__}: {e}")
+        mgr.wait()
+    assert failures == [], f"{len(failures)} of 200: {failures[:3]}"
 
 
 def test_missing_metric_warns_once_per_step_and_never_crashes(tmp_path, caplog):
