@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STEP_DIR_PATTERN = re.compile(r"step-([0-9]{10})")  # ASCII digits only, as step_dir_name writes
 _MAX_STEP = 10**10 - 1
+BRANCH_PATTERN = re.compile(r"[0-9a-f]{1,32}")
+"""A lineage branch id: lowercase hex (``branches.new_branch_id`` writes 8 digits)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -93,6 +95,11 @@ class Manifest:
     device: str = ""
     milestones_reached: tuple[int, ...] = ()
     """Parameter-count milestones the run had reached by this save (restarts remember them)."""
+    branch: str | None = None
+    """Lineage: the id (short hex) of the line of saves this one belongs to; a rollback (a
+    restore of an older checkpoint, then a save) starts a new one.  None in older manifests."""
+    parent: int | None = None
+    """Lineage: the step the run that wrote this checkpoint restored, or None (a fresh start)."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -118,6 +125,8 @@ class Manifest:
             "host": self.host,
             "device": self.device,
             "milestones_reached": list(self.milestones_reached),
+            "branch": self.branch,
+            "parent": self.parent,
             "files": [f.to_dict() for f in self.files],
         }
 
@@ -196,6 +205,8 @@ def _parse(raw: dict[str, Any], source: str) -> Manifest:
             host=str(raw.get("host") or ""),
             device=str(raw.get("device") or ""),
             milestones_reached=tuple(sorted(_milestone_list(raw.get("milestones_reached")))),
+            branch=_opt_branch(raw.get("branch")),
+            parent=_opt_parent(raw.get("parent")),
         )
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CorruptCheckpointError(source, "a valid manifest", "malformed field", str(e)) from e
@@ -207,6 +218,20 @@ def _milestone_list(v: Any) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
                                           for x in v):
         raise ValueError(f"milestones_reached must be a list of positive integers, got {v!r}")
+    return v
+
+
+def _opt_branch(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not BRANCH_PATTERN.fullmatch(v):
+        raise ValueError(f"branch must be a short lowercase hex id, got {v!r}")
+    return v
+
+
+def _opt_parent(v: Any) -> int | None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _MAX_STEP):
+        raise ValueError(f"parent must be a step number or null, got {v!r}")
     return v
 
 

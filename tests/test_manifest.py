@@ -45,7 +45,9 @@ manifests = st.builds(
     git_commit=st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
     host=texts, device=texts,
     milestones_reached=st.lists(st.integers(1, 10**13), unique=True, max_size=4).map(
-        lambda xs: tuple(sorted(xs))))
+        lambda xs: tuple(sorted(xs))),
+    branch=st.none() | st.from_regex(r"[0-9a-f]{1,32}", fullmatch=True),
+    parent=st.none() | steps)
 
 
 @settings(max_examples=200, deadline=None)
@@ -162,6 +164,10 @@ _DROP = object()
     (_raw(tags=5), "malformed"),
     (_raw(milestones_reached=[0]), "milestones_reached"),
     (_raw(milestones_reached="1B"), "milestones_reached"),
+    (_raw(branch="Not-Hex"), "branch"),
+    (_raw(branch=7), "branch"),
+    (_raw(parent=-3), "parent"),
+    (_raw(parent=True), "parent"),
 ])
 def test_malformed_manifest_names_its_source(text, detail):
     with pytest.raises(CorruptCheckpointError) as ei:
@@ -251,3 +257,9 @@ def test_sealed_raw_manifest_round_trips() -> None:
     assert Manifest.from_json(json.dumps(seal(raw))).metrics == {"acc": 0.5}
     with pytest.raises(CorruptCheckpointError, match="does not match its checksum"):
         Manifest.from_json(json.dumps(raw))
+
+
+def test_manifest_without_lineage_reads_with_defaults():
+    """Manifests written before lineage (no ``branch``/``parent``) stay readable."""
+    m = Manifest.from_json(_raw(branch=_DROP, parent=_DROP), SOURCE)
+    assert (m.branch, m.parent, m.format_version) == (None, None, 1)
