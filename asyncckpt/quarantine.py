@@ -54,21 +54,58 @@ def _stamp(now: datetime) -> str:
     return now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+def utc_time(now: datetime) -> str:
+    """``now`` as the notes write it: ISO 8601, seconds, ``Z``."""
+    return now.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def aside_name(storage: Storage, area: str, step: int, now: datetime) -> str:
+    """A free folder name under ``area`` for ``step`` set aside at ``now``:
+    ``step-NNNNNNNNNN.<UTC time>`` (``-<n>`` added if taken)."""
+    base = f"{step_dir_name(step)}.{_stamp(now)}"
+    taken = set(storage.list_dirs(area))
+    return base if base not in taken else next(f"{base}-{i}" for i in range(1, len(taken) + 2)
+                                               if f"{base}-{i}" not in taken)
+
+
+def move_aside(storage: Storage, step: int, area: str, name: str, note_name: str,
+               note: dict[str, object]) -> str:
+    """Move ``step``'s folder to ``<area>/<name>/`` and write ``note`` there as ``note_name``
+    (after the move: a move cut short leaves no note, and the folder is still set aside);
+    returns the new folder's path under the root."""
+    rel = f"{area}/{name}"
+    storage.move_dir(step_dir_name(step), rel)
+    storage.put_atomic(f"{rel}/{note_name}", json.dumps(note, indent=1).encode(), create_only=False)
+    return rel
+
+
+def list_aside(storage: Storage, area: str, note_name: str) -> list[tuple[int, str, dict[str, object]]]:
+    """``(step, folder name, note)`` for each folder set aside under ``area``, oldest step
+    first; the note is ``{}`` where it cannot be read (a move cut short before it)."""
+    out = []
+    for name in storage.list_dirs(area):
+        match = _NAME.fullmatch(name)
+        step = parse_step_dir(match.group(1)) if match else None
+        if step is None:
+            continue
+        try:
+            note = json.loads(storage.read_bytes(f"{area}/{name}/{note_name}"))
+        except (StorageError, ValueError):
+            note = None
+        out.append((step, name, note if isinstance(note, dict) else {}))
+    return sorted(out, key=lambda t: (t[0], t[1]))
+
+
 def quarantine(storage: Storage, step: int, reason: str, *, now: datetime | None = None) -> Quarantined:
     """Move ``step``'s folder aside under ``quarantine/`` with a note of ``reason``.
 
     Only the root's writer (the lease holder) may call this.
     """
     now = now or datetime.now(timezone.utc)
-    base = f"{step_dir_name(step)}.{_stamp(now)}"
-    taken = set(storage.list_dirs(QUARANTINE_DIR))
-    name = base if base not in taken else next(f"{base}-{i}" for i in range(1, len(taken) + 2)
-                                               if f"{base}-{i}" not in taken)
-    rel = f"{QUARANTINE_DIR}/{name}"
-    storage.move_dir(step_dir_name(step), rel)
-    when = now.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    name = aside_name(storage, QUARANTINE_DIR, step, now)
+    when = utc_time(now)
     note = {"format": 1, "step": step, "reason": reason, "time": when}
-    storage.put_atomic(f"{rel}/{REASON_NAME}", json.dumps(note, indent=1).encode(), create_only=False)
+    rel = move_aside(storage, step, QUARANTINE_DIR, name, REASON_NAME, note)
     log.warning("step=%d: damaged, moved aside to %s: %s", step, storage.url_of(rel), reason)
     return Quarantined(step=step, name=name, url=storage.url_of(rel), reason=reason, time=when)
 
@@ -76,20 +113,15 @@ def quarantine(storage: Storage, step: int, reason: str, *, now: datetime | None
 def list_quarantined(storage: Storage) -> list[Quarantined]:
     """The quarantined checkpoints under the root, oldest step first."""
     out = []
-    for name in storage.list_dirs(QUARANTINE_DIR):
-        match = _NAME.fullmatch(name)
-        step = parse_step_dir(match.group(1)) if match else None
-        if step is None:
-            continue
-        rel = f"{QUARANTINE_DIR}/{name}"
+    for step, name, note in list_aside(storage, QUARANTINE_DIR, REASON_NAME):
         reason, when = "unknown (no readable quarantine.json)", ""
         try:
-            note = json.loads(storage.read_bytes(f"{rel}/{REASON_NAME}"))
             reason, when = str(note["reason"]), str(note["time"])
-        except (StorageError, ValueError, KeyError, TypeError):
+        except KeyError:
             pass  # a move cut short before its note was written: still quarantined
-        out.append(Quarantined(step=step, name=name, url=storage.url_of(rel), reason=reason, time=when))
-    return sorted(out, key=lambda q: (q.step, q.name))
+        out.append(Quarantined(step=step, name=name, url=storage.url_of(f"{QUARANTINE_DIR}/{name}"),
+                               reason=reason, time=when))
+    return out
 
 
 def remove_quarantined(storage: Storage, q: Quarantined) -> None:
@@ -150,5 +182,6 @@ def retire_expired(storage: Storage, policy: Retention, committed: Sequence[int]
     return gone
 
 
-__all__ = ["QUARANTINE_DIR", "Quarantined", "checked_plan", "damage", "list_quarantined", "quarantine",
-           "quarantine_unreadable", "remove_quarantined", "retire_expired"]
+__all__ = ["QUARANTINE_DIR", "Quarantined", "aside_name", "checked_plan", "damage", "list_aside",
+           "list_quarantined", "move_aside", "quarantine", "quarantine_unreadable", "remove_quarantined",
+           "retire_expired", "utc_time"]
