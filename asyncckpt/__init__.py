@@ -17,6 +17,7 @@ from .errors import (
     CorruptCheckpointError,
     ForeignFolderError,
     IntegrityError,
+    RollbackRefusedError,
     SaveError,
     StateMismatchError,
     StorageError,
@@ -43,6 +44,6 @@ __all__ = [
     "AsyncCkptError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
     "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError", "ForeignFolderError",
     "IntegrityError",
-    "Retention", "SaveError", "SaveHandle", "Schedule", "StateMismatchError", "StorageError",
+    "Retention", "RollbackRefusedError", "SaveError", "SaveHandle", "Schedule", "StateMismatchError", "StorageError",
     "TrainState", "UnsafeCheckpointError", "format_params", "parse_milestones", "plan_checkpoints",
 ]

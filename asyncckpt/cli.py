@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .branches import list_abandoned, retire_abandoned
 from .errors import (AsyncCkptError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
                      LeaseError, StorageError)
 from .lease import live_holder
@@ -80,20 +81,26 @@ def cmd_list(args: argparse.Namespace) -> int:
                                           (f"best:{args.metric}",) if m.step == best else ())
              for m in manifests]
     aside = list_quarantined(storage) if args.all else []
+    abandoned = list_abandoned(storage) if args.all else []
     if args.json:
-        rows_json: list[dict[str, Any]] = [i.to_dict() for i in infos]
+        rows_json: list[dict[str, Any]] = [{**i.to_dict(), "branch": m.branch, "parent": m.parent}
+                                           for i, m in zip(infos, manifests)]
         if args.all:
             rows_json += [{**q.to_dict(), "quarantined": True} for q in aside]
+            rows_json += [{**a.to_dict(), "abandoned": True} for a in abandoned]
         print(json.dumps(rows_json, indent=1))
         return 0
-    if not infos and not aside:
+    if not infos and not aside and not abandoned:
         print(f"no committed checkpoints under {storage.url}")
         return 0
     rows = [[str(i.step), "" if i.epoch is None else str(i.epoch), i.time, _human(i.bytes),
-             ",".join(i.tags), " ".join(f"{k}={v:.6g}" for k, v in sorted(i.metrics.items()))]
-            for i in infos]
-    rows += [[str(q.step), "", q.time, "", "quarantined", q.reason[:100]] for q in aside]
-    print(_table(rows, ["step", "epoch", "time", "size", "tags", "metrics"]))
+             m.branch or "", ",".join(i.tags),
+             " ".join(f"{k}={v:.6g}" for k, v in sorted(i.metrics.items()))]
+            for i, m in zip(infos, manifests)]
+    rows += [[str(q.step), "", q.time, "", "", "quarantined", q.reason[:100]] for q in aside]
+    rows += [[str(a.step), "", a.time, "", a.branch or "", "abandoned",
+              f"rolled back to step {a.from_step} (branch {a.new_branch})"] for a in abandoned]
+    print(_table(rows, ["step", "epoch", "time", "size", "branch", "tags", "metrics"]))
     return 0
 
 
@@ -119,9 +126,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 report[step] = problems
     bad = {s: p for s, p in report.items() if p}
     aside = [q for q in list_quarantined(storage) if args.step is None or q.step == args.step]
+    abandoned = [a for a in list_abandoned(storage) if args.step is None or a.step == args.step]
     if args.json:
         print(json.dumps({"ok": not bad, "checked": sorted(report), "problems": bad,
-                          "quarantined": [q.to_dict() for q in aside]}, indent=1))
+                          "quarantined": [q.to_dict() for q in aside],
+                          "abandoned": [a.to_dict() for a in abandoned]}, indent=1))
     else:
         for step, problems in sorted(report.items()):
             print(f"step {step}: {'ok' if not problems else 'DAMAGED'}")
@@ -129,7 +138,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  {p}")
         for q in aside:  # set aside already: not a failed check
             print(f"step {q.step}: quarantined at {q.url} ({q.time}): {q.reason}")
-        if not report and not aside:
+        for a in abandoned:
+            print(f"step {a.step}: abandoned (branch {a.branch}, rolled back to step {a.from_step}) "
+                  f"at {a.url} ({a.time})")
+        if not report and not aside and not abandoned:
             print(f"no committed checkpoints under {storage.url}")
     return 1 if bad else 0
 
@@ -159,6 +171,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for step in plan.delete:
             delete_checkpoint(storage, step)  # manifest first, as the manager does
         retire_expired(storage, policy, plan.keep)
+        retire_abandoned(storage, policy, plan.keep)
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": list(plan.delete), "kept": list(plan.keep),
                           "quarantined": sorted(damaged),
@@ -451,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "best:<metric>, as CheckpointManager.list() does for its retention's metrics")
     sp.add_argument("--mode", default="min", choices=["min", "max"], help="min or max is best")
     sp.add_argument("--all", action="store_true",
-                    help="also list quarantined (damaged, set aside) checkpoints")
+                    help="also list quarantined (damaged, set aside) checkpoints and those of "
+                    "abandoned branches (rolled back, kept under abandoned/)")
     sp.set_defaults(func=cmd_list)
     sp = root_cmd("verify", "check every file of committed checkpoints against its checksum")
     sp.add_argument("step", nargs="?", type=int, help="one step (default: all)")

@@ -41,6 +41,7 @@ from .schedule import DEFAULT_TARGETS, Schedule, plan_checkpoints, size_category
 COMPRESSIONS = ("zstd", None)
 STAGINGS = ("auto", "pinned", "device")
 ON_ERROR = ("raise", "warn")
+ON_ROLLBACK = ("keep", "delete", "refuse")
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
@@ -118,6 +119,12 @@ class ManagerOptions:
     """Seconds between refreshes of the lease."""
     lease_timeout_s: float = 60.0
     """A lease not refreshed for this long is stale: another manager may take it over."""
+    on_rollback: str = "keep"
+    """What the first save after restoring an older checkpoint than the root's newest does with
+    the newer ones (the abandoned branch; see docs/rollback.md): ``"keep"`` moves them to
+    ``<root>/abandoned/`` (out of ``latest``, listed by ``list --all``, removed by retention
+    later), ``"delete"`` deletes them, ``"refuse"`` makes the save raise
+    ``RollbackRefusedError``.  A WARNING says which steps went where."""
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -165,6 +172,8 @@ class ManagerOptions:
         if self.lease_timeout_s <= self.lease_heartbeat_s:
             raise ConfigError.field("lease_timeout_s", self.lease_timeout_s,
                                     f"more than lease_heartbeat_s={self.lease_heartbeat_s!r}")
+        if self.on_rollback not in ON_ROLLBACK:
+            raise ConfigError.field("on_rollback", self.on_rollback, " | ".join(map(repr, ON_ROLLBACK)))
         for name in ("on_commit", "on_failure"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise ConfigError.field(name, getattr(self, name), "a callable or None")

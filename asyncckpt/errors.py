@@ -126,3 +126,8 @@ class SaveError(AsyncCkptError):
 class LeaseError(AsyncCkptError):
     """Another writer holds the checkpoint root (the message names it: host, pid, since),
     or this manager lost its lease and must not commit or delete any more."""
+
+
+class RollbackRefusedError(AsyncCkptError):
+    """A save after restoring an older checkpoint would abandon newer ones, and the manager
+    was made with ``on_rollback="refuse"``; the message names them and how to go on."""

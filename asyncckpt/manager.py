@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import _dist, restore as _restore
+from . import _dist, branches, restore as _restore
 from .codec import CodecOptions
 from .config import ManagerOptions, load_yaml_text, options_from_dict
 from .errors import (
@@ -33,6 +33,7 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     IntegrityError,
+    RollbackRefusedError,
     StorageError,
 )
 from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
@@ -144,12 +145,16 @@ class CheckpointManager:
                                  heartbeat_s=self.options.lease_heartbeat_s,
                                  timeout_s=self.options.lease_timeout_s)
         failure: BaseException | None = None
+        self._lineage = branches.Lineage(branch=branches.new_branch_id())
+        """The lineage the next saves record, and a rollback still to carry out (rank 0 decides)."""
+        self._rolled_back: set[str] = set()
+        """Branch ids whose rollback rank 0's writer has carried out."""
         if self.rank == 0:
             try:
-                self._prepare_root()
+                self._lineage = self._prepare_root()
             except Exception as e:  # noqa: BLE001 - every rank must hear of it (no hang)
                 failure = e
-        failure = _dist.broadcast_object(failure, self._fg_group)
+        failure, self._lineage = _dist.broadcast_object((failure, self._lineage), self._fg_group)
         if failure is not None:
             self._guard.close()
             raise failure
@@ -192,13 +197,22 @@ class CheckpointManager:
         return cls(root, **{f.name: getattr(options, f.name) for f in fields(options)})
 
     # -- setup -------------------------------------------------------------------
-    def _prepare_root(self) -> None:
+    def _prepare_root(self) -> branches.Lineage:
+        """Check the root, finish what a crash left (as the lease holder); the run's lineage."""
         try:
             self.storage.check_writable()
         except StorageError as e:
             raise StorageError("create or write checkpoint root", self.root, e.cause) from e
-        if not self._guard.open():  # the lease before any cleanup: cleaning up is a write
-            return
+        if self._guard.open():  # the lease before any cleanup: cleaning up is a write
+            self._clean_root()
+        newest = manifest_steps(self.storage)[-1:]
+        try:
+            return branches.start([read_manifest(self.storage, s) for s in newest])
+        except (CorruptCheckpointError, StorageError):
+            return branches.start([])
+
+    def _clean_root(self) -> None:
+        branches.finish_interrupted(self.storage)  # a rollback cut short: before anything lists
         quarantine_unreadable(self.storage)  # a manifest that does not parse never blocks a step
         remove_unfinished_saves(self.storage)
         abort_unfinished_saves(self.storage)
@@ -230,12 +244,16 @@ class CheckpointManager:
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
             raise ConfigError.field("epoch", epoch, "a non-negative integer or None")
         metrics_f, tags_t = _check_metrics(metrics), _check_tags(tags)
+        lineage = self._lineage
+        rollback = self._pending_rollback()
+        if rollback is not None and self.options.on_rollback == "refuse":
+            raise RollbackRefusedError(branches.refusal(rollback, self.root))
         if _dist.world_size() != self.world_size:
             raise ConfigError(f"the job now has {_dist.world_size()} ranks, the manager was made "
                               f"for {self.world_size}: create the CheckpointManager after "
                               "init_process_group")
         if not overwrite:
-            self._refuse_existing(step)
+            self._refuse_existing(step, rollback)
         started = time.perf_counter()
         # plan first (collective, cached), then stage only the items this rank writes
         plan, mine = self._plans.plan(lambda: {**state.tensors(), **state.objects(self.rank)}, step=step)
@@ -262,9 +280,11 @@ class CheckpointManager:
                                 world_size=self.world_size, param_count=state.param_count(),
                                 codec=self.options.compression, torch_version=torch.__version__,
                                 git_commit=self._git, host=self._host, device=self._device,
-                                milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)))
-            self._pipeline.submit(SaveJob(handle=handle, staged=staged, manifest=manifest,
-                                          overwrite=overwrite, plan=plan))
+                                milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)),
+                                branch=lineage.branch, parent=lineage.parent)
+            self._pipeline.submit(SaveJob(
+                handle=handle, staged=staged, manifest=manifest, overwrite=overwrite, plan=plan,
+                before_write=self._rollback_work(rollback) if rollback and self.rank == 0 else None))
         except BaseException:  # not taken by the writer: the buffers go back to the pool here
             staged.release()
             raise
@@ -278,11 +298,29 @@ class CheckpointManager:
                 raise
         return handle
 
-    def _refuse_existing(self, step: int) -> None:
+    def _pending_rollback(self) -> branches.Rollback | None:
+        rollback = self._lineage.rollback
+        return rollback if rollback is not None and rollback.branch not in self._rolled_back else None
+
+    def _rollback_work(self, rollback: branches.Rollback) -> Any:
+        """What rank 0's writer does before the first save after a rollback writes: set the
+        abandoned branch aside (or delete it), on the backup too."""
+        def work() -> None:
+            if rollback.branch in self._rolled_back:
+                return  # an earlier save carried it out
+            branches.abandon(self.storage, rollback, self.options.on_rollback)
+            self._rolled_back.add(rollback.branch)
+            if self._mirror is not None:
+                self._mirror.drop_abandoned()
+        return work
+
+    def _refuse_existing(self, step: int, rollback: branches.Rollback | None = None) -> None:
         exists = None
         if self.rank == 0:
             if step in self._pipeline.pending_steps():
                 exists = f"a save of step {step} is already in flight"
+            elif rollback is not None and step in rollback.steps:
+                pass  # the abandoned branch's: set aside before this save writes
             elif self.storage.exists(f"{step_dir_name(step)}/{MANIFEST_NAME}") and \
                     not self._quarantined_unreadable(step):
                 exists = f"step {step} is already committed at {self.storage.url_of(step_dir_name(step))}"
@@ -466,6 +504,7 @@ class CheckpointManager:
                 delete_checkpoint(self.storage, step)  # manifest first: never listed half-deleted
                 log.info("step=%d rank=%d: deleted by retention", step, self.rank)
             retire_expired(self.storage, policy, plan.keep)
+            branches.retire_abandoned(self.storage, policy, plan.keep)
         return plan
 
     # -- listing, verifying and restoring ---------------------------------------------
@@ -547,7 +586,7 @@ class CheckpointManager:
         if isinstance(source, TrainState):
             origin = Provenance(step=None if step is None else check_step(step),
                                 metrics=_check_metrics(metrics), git_commit=self._git,
-                                param_count=source.param_count())
+                                param_count=source.param_count(), branch=self._lineage.branch)
         else:
             found = self._candidates(source)
             if not found:
@@ -636,7 +675,7 @@ class CheckpointManager:
                 if which == "latest" and not from_backup and self._may_write():
                     quarantine(self.storage, m.step, str(e))
                 continue
-            self._after_restore(m, state)
+            self._after_restore(m, state, lineage=True)
             return m.step
         if not errors:  # every candidate was deleted while being read
             raise CheckpointNotFoundError(f"{which!r}", self.root,
@@ -675,6 +714,7 @@ class CheckpointManager:
                 self._candidates(which, self.backup_storage)
         except CheckpointNotFoundError:
             backup = []
+        backup = branches.without_abandoned(self.storage, self.backup_storage, backup)
         if not primary and not backup and missing is not None:
             raise missing
         return with_backup(primary, backup, latest=latest)
@@ -748,7 +788,19 @@ class CheckpointManager:
                  report.source, ", ".join(report.loaded))
         return report
 
-    def _after_restore(self, m: Manifest, state: TrainState) -> None:
+    def _after_restore(self, m: Manifest, state: TrainState, *, lineage: bool = False) -> None:
+        """Schedule and staging after a restore; with ``lineage`` (a checkpoint of this root),
+        rank 0 decides the run's branch (a rollback if newer ones exist) and all follow."""
+        if lineage:
+            decided = branches.after_restore(m, list_committed(self.storage)) if self.rank == 0 else None
+            self._lineage = _dist.broadcast_object(decided, self._fg_group)
+            if self._lineage.rollback is not None:
+                log.info("step=%d rank=%d: restored an older checkpoint than the newest (%s): the "
+                         "next save starts branch %s (on_rollback=%r)", m.step, self.rank,
+                         self._lineage.rollback.describe(), self._lineage.branch,
+                         self.options.on_rollback)
+        else:
+            self._lineage = branches.Lineage(branch=self._lineage.branch, parent=m.step)
         milestones = tuple(self.schedule.param_milestones or ()) if self.schedule else ()
         if milestones:
             # reached: what the manifest records, up to the restored trainable count, or up to

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .branches import drop_abandoned_copies
 from .codec import Checksum
 from .errors import AsyncCkptError, CorruptCheckpointError, IntegrityError, StorageError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, step_dir_name
@@ -64,6 +65,7 @@ class Mirror:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._prepared = False
+        self._drop_abandoned = False
 
     # -- called from the pipeline (after a commit) and the training thread -------------
     def submit(self, step: int) -> None:
@@ -80,6 +82,12 @@ class Mirror:
                 self._thread = threading.Thread(target=self._run, name="asyncckpt-mirror", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+
+    def drop_abandoned(self) -> None:
+        """The primary set a branch aside (a rollback): before its next copy the mirror thread
+        deletes the backup's copies of those checkpoints, so they never win ``latest`` there."""
+        with self._cond:
+            self._drop_abandoned = True
 
     def raise_pending(self) -> None:
         """Raise a latched failure (once) unless ``on_error="warn"``."""
@@ -133,10 +141,15 @@ class Mirror:
         remove_unfinished_saves(self.backup, "a backup copy")
         abort_unfinished_saves(self.backup)
         self._prepared = True
+        self._drop_abandoned = True  # a rollback a crash kept from reaching the backup
 
     def _mirror(self, step: int) -> None:
         if not self._prepared:
             self._prepare()
+        with self._cond:
+            drop, self._drop_abandoned = self._drop_abandoned, False
+        if drop:
+            drop_abandoned_copies(self.primary, self.backup)
         name = step_dir_name(step)
         src, dst = self.primary.child(name), self.backup.child(name)
         started, copying = time.monotonic(), False

@@ -114,6 +114,9 @@ class SaveJob:
     """The save plan ``staged`` was selected by (this rank's items only); None: the whole state."""
     cleared: bool = False
     """Rank 0 made the step folder this save's own: on failure, what it left is removed."""
+    before_write: Callable[[], None] | None = None
+    """Rank 0's writer runs it before the step folder is touched (a rollback's move-aside);
+    if it raises, the save fails on every rank."""
 
 
 _STOP = object()
@@ -352,6 +355,8 @@ class Pipeline:
         if self.rank == 0:
             if self.guard is not None:
                 self.guard()
+            if job.before_write is not None:
+                job.before_write()
             self._clear_folder(folder, job.overwrite)
             job.cleared = True
         job.staged.wait_ready()

@@ -157,11 +157,13 @@ class Provenance:
     metrics: Mapping[str, float] = field(default_factory=dict)
     git_commit: str | None = None
     param_count: int = 0
+    branch: str | None = None
+    """The lineage branch of the source checkpoint (or of the live run); see ``branches.py``."""
 
     @classmethod
     def of(cls, m: Manifest) -> "Provenance":
         return cls(step=m.step, epoch=m.epoch, checkpoint_time=m.time, metrics=dict(m.metrics),
-                   git_commit=m.git_commit, param_count=m.param_count)
+                   git_commit=m.git_commit, param_count=m.param_count, branch=m.branch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,7 +454,7 @@ def _card(options: ReleaseOptions, source: Provenance, files: Sequence[FileEntry
     metrics = {k: v for k, v in source.metrics.items() if math.isfinite(v)}
     return {"format_version": CARD_FORMAT_VERSION, "version": options.version,
             "step": source.step, "epoch": source.epoch, "time": now,
-            "checkpoint_time": source.checkpoint_time, "metrics": metrics,
+            "checkpoint_time": source.checkpoint_time, "branch": source.branch, "metrics": metrics,
             "git_commit": source.git_commit, "torch_version": torch_version,
             "param_count": source.param_count, "tensor_count": len(tensors),
             "numel": sum(t.numel() for t in tensors.values()), "format": options.format,

@@ -77,7 +77,7 @@ def test_list_table_and_json_show_step_epoch_time_size_tags_metrics(tmp_path, ca
     assert doc["bytes"] == info.bytes == sum(p.stat().st_size for p in shards)
     code, out, _ = _run(capsys, "list", path)
     header, row = out.splitlines()
-    assert header.split() == ["step", "epoch", "time", "size", "tags", "metrics"]
+    assert header.split() == ["step", "epoch", "time", "size", "branch", "tags", "metrics"]
     assert row.split()[:3] == ["7", "2", info.time]
     assert row.split()[-3:] == ["user:x", "acc=0.5", "loss=0.125"] and " KB" in row
     assert _run(capsys, "list", tmp_path / "empty")[1].startswith("no committed checkpoints under")

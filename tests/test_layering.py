@@ -16,7 +16,7 @@ LAYER = {
     "retention": 1, "schedule": 1, "manifest": 1, "config": 1,
     "_torch_compat": 2, "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
     "multipart": 2,
-    "storage": 3, "dcp_io": 3, "lease": 3, "quarantine": 3,
+    "storage": 3, "dcp_io": 3, "lease": 3, "quarantine": 3, "branches": 3,
     "pipeline": 4, "restore": 4, "mirror": 4, "release": 4,
     "manager": 5,
     "cli": 6, "__main__": 6, "integrations": 6,
@@ -25,9 +25,10 @@ LAYER = {
 ALLOWED_SAME_LAYER = {("config", "retention"), ("config", "schedule"), ("dcp_io", "storage"),
                       ("planner", "_torch_compat"), ("staging", "_torch_compat"),
                       ("lease", "storage"), ("quarantine", "storage"),
+                      ("branches", "storage"), ("branches", "quarantine"),
                       ("__main__", "cli")}
 PURE = ["errors", "retention", "schedule", "manifest", "config"]
-NO_TORCH = PURE + ["codec", "multipart", "storage", "lease", "quarantine", "cli"]
+NO_TORCH = PURE + ["codec", "multipart", "storage", "lease", "quarantine", "branches", "cli"]
 LAZY_OK = {("cli", "manager"), ("cli", "release")}
 
 
