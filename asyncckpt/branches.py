@@ -144,19 +144,25 @@ def abandon(storage: Storage, rollback: Rollback, policy: str, *,
 def _carry_out(storage: Storage, rel: str, record: dict[str, Any]) -> None:
     where = []
     for move in record["moves"]:
-        step = int(move["step"])
+        step, name = int(move["step"]), move["name"]
+        dest = f"{ABANDONED_DIR}/{name}"
+        note = {**{k: record[k] for k in ("format", "time", "reason", "from_step", "branch",
+                                          "abandoned_branch")}, "step": step}
         if _current_crc(storage, step) != move["manifest_crc"]:
-            continue  # moved already, deleted, or a new checkpoint of that step: not ours to move
-        if move["name"] is None:
+            # moved already (its note may be missing: a kill right after the move), deleted,
+            # or a new checkpoint of that step: not ours to move
+            if name is not None and storage.exists(f"{dest}/{MANIFEST_NAME}") and \
+                    not storage.exists(f"{dest}/{NOTE_NAME}"):
+                storage.put_atomic(f"{dest}/{NOTE_NAME}", json.dumps(note, indent=1).encode(),
+                                   create_only=False)
+            continue
+        if name is None:
             delete_checkpoint(storage, step)
             where.append(f"{step} deleted")
             continue
-        dest = f"{ABANDONED_DIR}/{move['name']}"
         if storage.exists(dest):  # a copying move (object stores) cut short: redo it
             storage.remove(dest, recursive=True)
-        note = {k: record[k] for k in ("format", "time", "reason", "from_step", "branch",
-                                       "abandoned_branch")}
-        move_aside(storage, step, ABANDONED_DIR, str(move["name"]), NOTE_NAME, {**note, "step": step})
+        move_aside(storage, step, ABANDONED_DIR, str(name), NOTE_NAME, note)
         where.append(f"{step} -> {storage.url_of(dest)}")
     storage.put_atomic(rel, json.dumps({**record, "state": "done"}, indent=1).encode(),
                        create_only=False)
