@@ -792,8 +792,17 @@ class CheckpointManager:
         """Schedule and staging after a restore; with ``lineage`` (a checkpoint of this root),
         rank 0 decides the run's branch (a rollback if newer ones exist) and all follow."""
         if lineage:
-            decided = branches.after_restore(m, list_committed(self.storage)) if self.rank == 0 else None
-            self._lineage = _dist.broadcast_object(decided, self._fg_group)
+            decided: branches.Lineage | BaseException | None = None
+            if self.rank == 0:
+                try:
+                    decided = branches.after_restore(m, list_committed(self.storage))
+                except AsyncCkptError as e:  # every rank must hear of it (no hang)
+                    decided = e
+            decided = _dist.broadcast_object(decided, self._fg_group)
+            if isinstance(decided, BaseException):
+                raise decided
+            assert decided is not None
+            self._lineage = decided
             if self._lineage.rollback is not None:
                 log.info("step=%d rank=%d: restored an older checkpoint than the newest (%s): the "
                          "next save starts branch %s (on_rollback=%r)", m.step, self.rank,
