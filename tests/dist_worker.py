@@ -11,6 +11,7 @@ assert on.  Scenarios, in the order the test runs them:
   retention, "latest" agreement with a rank whose listing is stale, exact RNG
   and loader restore, an FSDP2 save, DDP -> FSDP2 restore, 4 -> 2 restore.
 - ``restore3`` (3 ranks) the 2-rank DDP checkpoint restored on 3 ranks.
+- ``rollback2`` (2 ranks, its own test) a rollback: refused on every rank, then kept aside.
 """
 
 from __future__ import annotations
@@ -270,7 +271,39 @@ def restore3(out: dict[str, Any], folder: Path) -> None:
     out["extra"] = state.extra
 
 
-SCENARIOS = {"save4": save4, "main2": main2, "restore3": restore3}
+def rollback2(out: dict[str, Any], folder: Path) -> None:
+    """Saves 1..3, restore 1, then: on_rollback="refuse" raises on every rank; "keep" moves
+    2 and 3 aside (rank 0) and every rank sees the new branch's 2 as the latest."""
+    from asyncckpt import RollbackRefusedError
+
+    root = folder / "rollback2"
+    state, model, opt, _ = ddp_state(seed=31, loader=False)
+    with CheckpointManager(root) as mgr:
+        for step in (1, 2, 3):
+            train_step(model, opt, seed=step)
+            mgr.save(step, state, blocking=True)
+    with CheckpointManager(root, on_rollback="refuse") as mgr:
+        mgr.restore(state, 1)
+        try:
+            mgr.save(2, state, blocking=True)
+            out["refused"] = None
+        except RollbackRefusedError as e:
+            out["refused"] = str(e)
+    with CheckpointManager(root) as mgr:
+        out["restored"] = mgr.restore(state, 1)
+        train_step(model, opt, seed=102)
+        mgr.save(2, state, blocking=True)
+        mgr.wait()
+        out["listed"] = [i.step for i in mgr.list()]
+        out["latest"] = mgr.restore(state)
+    if dist.get_rank() == 0:
+        from asyncckpt.branches import list_abandoned
+        from asyncckpt.storage import Storage
+
+        out["abandoned"] = [a.step for a in list_abandoned(Storage(root))]
+
+
+SCENARIOS = {"save4": save4, "main2": main2, "restore3": restore3, "rollback2": rollback2}
 
 
 def main() -> None:

@@ -327,3 +327,12 @@ def test_errors_cross_ranks_intact() -> None:
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
         assert {k: str(v) for k, v in vars(back).items()} == {k: str(v) for k, v in vars(err).items()}
+
+
+@pytest.mark.dist
+def test_rank_0_decides_a_rollback_and_every_rank_follows(tmp_path: Path) -> None:
+    r0, r1 = launch("rollback2", 2, tmp_path)
+    assert r0["refused"] and r0["refused"] == r1["refused"] and "[2, 3]" in r0["refused"]
+    for r in (r0, r1):
+        assert (r["restored"], r["listed"], r["latest"]) == (1, [1, 2], 2)
+    assert r0["abandoned"] == [2, 3]
