@@ -288,6 +288,21 @@ def test_the_backup_drops_its_copies_of_the_abandoned_branch(tmp_path: Path) -> 
         assert mgr.restore(state) == 250
 
 
+def test_a_restore_from_the_backup_never_picks_an_abandoned_copy_the_mirror_kept(tmp_path: Path) -> None:
+    """A crash before the mirror dropped them: the backup still holds the abandoned 400."""
+    root, backup = tmp_path / "ckpt", tmp_path / "backup"
+    _first_run(root, backup=str(backup))
+    _rollback(root, 200, 250)  # no backup configured this time: the backup keeps 100 .. 400
+    assert 400 in _steps(backup)
+    shutil.rmtree(root / "step-0000000250")  # the primary lost its newest: fall back to the backup
+    state = _state()
+    with CheckpointManager(root, backup=str(backup)) as mgr:
+        assert mgr.restore(state) == 200  # not the backup's 400 of the abandoned branch
+        mgr.save(201, state, blocking=True)
+        mgr.wait()
+    assert 400 not in _steps(backup) and 300 not in _steps(backup)  # the mirror dropped them
+
+
 def test_a_release_records_the_branch_it_came_from(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _first_run(root)
