@@ -225,7 +225,8 @@ def without_abandoned(primary: Storage, backup: Storage, manifests: Sequence[Man
     crcs = abandoned_crcs(primary)
     steps = {s for s, _ in crcs}
     try:
-        return [m for m in manifests if m.step not in steps or (m.step, _current_crc(backup, m.step)) not in crcs]
+        return [m for m in manifests
+                if m.step not in steps or (m.step, _current_crc(backup, m.step)) not in crcs]
     except StorageError:
         return list(manifests)
 
