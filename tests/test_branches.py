@@ -317,3 +317,19 @@ def test_a_release_records_the_branch_it_came_from(tmp_path: Path) -> None:
 def test_on_rollback_must_be_one_of_the_policies(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="on_rollback"):
         CheckpointManager(tmp_path / "ckpt", on_rollback="ignore")
+
+
+@pytest.mark.s3
+def test_a_rollback_on_s3_moves_the_abandoned_branch_aside_and_resumes_on_the_new_one(s3_bucket) -> None:
+    """On an object store a move is copy-then-delete (manifest first): the same outcome."""
+    root, options = f"s3://{s3_bucket['name']}/run", s3_bucket["options"]
+    _first_run(root, stop=300, storage_options=options)
+    _rollback(root, 100, 150, storage_options=options)
+    store = Storage(root, options)
+    assert [(m.step, m.parent) for m in list_committed(store)] == [(100, None), (150, 100)]
+    assert [a.step for a in list_abandoned(store)] == [200, 300]
+    state = _state()
+    with CheckpointManager(root, storage_options=options) as mgr:
+        assert mgr.restore(state) == 150
+        mgr.save(200, state, blocking=True)  # the abandoned 200 is no obstacle
+    assert [m.step for m in list_committed(store)] == [100, 150, 200]
