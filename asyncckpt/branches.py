@@ -167,7 +167,7 @@ def _carry_out(storage: Storage, rel: str, record: dict[str, Any]) -> None:
     storage.put_atomic(rel, json.dumps({**record, "state": "done"}, indent=1).encode(),
                        create_only=False)
     if where:
-        log.warning("step=%d: rollback: the run restored step %d and saved on; branch %s "
+        log.warning("step=%d rank=0: rollback: the run restored step %d and saved on; branch %s "
                     "abandoned (on_rollback=%r), new branch %s: %s", record["from_step"],
                     record["from_step"], record["abandoned_branch"] or "unnamed", record["policy"],
                     record["branch"], "; ".join(where))

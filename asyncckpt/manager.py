@@ -789,27 +789,9 @@ class CheckpointManager:
         return report
 
     def _after_restore(self, m: Manifest, state: TrainState, *, lineage: bool = False) -> None:
-        """Schedule and staging after a restore; with ``lineage`` (a checkpoint of this root),
-        rank 0 decides the run's branch (a rollback if newer ones exist) and all follow."""
-        if lineage:
-            decided: branches.Lineage | BaseException | None = None
-            if self.rank == 0:
-                try:
-                    decided = branches.after_restore(m, list_committed(self.storage))
-                except AsyncCkptError as e:  # every rank must hear of it (no hang)
-                    decided = e
-            decided = _dist.broadcast_object(decided, self._fg_group)
-            if isinstance(decided, BaseException):
-                raise decided
-            assert decided is not None
-            self._lineage = decided
-            if self._lineage.rollback is not None:
-                log.info("step=%d rank=%d: restored an older checkpoint than the newest (%s): the "
-                         "next save starts branch %s (on_rollback=%r)", m.step, self.rank,
-                         self._lineage.rollback.describe(), self._lineage.branch,
-                         self.options.on_rollback)
-        else:
-            self._lineage = branches.Lineage(branch=self._lineage.branch, parent=m.step)
+        """Lineage, schedule and staging after a restore; ``lineage``: ``m`` is this root's."""
+        self._lineage = self._decided_lineage(m) if lineage else \
+            branches.Lineage(branch=self._lineage.branch, parent=m.step)
         milestones = tuple(self.schedule.param_milestones or ()) if self.schedule else ()
         if milestones:
             # reached: what the manifest records, up to the restored trainable count, or up to
@@ -821,6 +803,25 @@ class CheckpointManager:
         self._schedule_state.record_save(m.step, time.monotonic())
         self._prewarm_staging(state)
         log.info("step=%d rank=%d: restored from %s", m.step, self.rank, self.storage.url_of(step_dir_name(m.step)))
+
+    def _decided_lineage(self, m: Manifest) -> branches.Lineage:
+        """Rank 0 decides the run's branch after restoring ``m`` (a rollback when newer
+        checkpoints exist; nothing moves until the next save) and every rank follows."""
+        decided: branches.Lineage | BaseException | None = None
+        if self.rank == 0:
+            try:
+                decided = branches.after_restore(m, list_committed(self.storage))
+            except AsyncCkptError as e:  # every rank must hear of it (no hang)
+                decided = e
+        decided = _dist.broadcast_object(decided, self._fg_group)
+        if isinstance(decided, BaseException):
+            raise decided
+        assert decided is not None
+        if decided.rollback is not None:
+            log.info("step=%d rank=%d: restored an older checkpoint than the newest (%s): the next "
+                     "save starts branch %s (on_rollback=%r)", m.step, self.rank,
+                     decided.rollback.describe(), decided.branch, self.options.on_rollback)
+        return decided
 
     @staticmethod
     def _parts(include: Sequence[str] | None, exclude: Sequence[str] | None) -> _restore.Selection:
