@@ -29,7 +29,7 @@ import json
 import logging
 import secrets
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -79,17 +79,25 @@ class Lineage:
     rollback: Rollback | None = None
 
 
-def start(committed: Sequence[Manifest]) -> Lineage:
+def _go_on(m: Manifest | None, abandoned: Collection[str]) -> str:
+    """``m``'s branch to go on with, or a new one: none recorded, or one a rollback abandoned
+    (the checkpoints left of it are the trunk a new line grows from)."""
+    branch = m.branch if m is not None else None
+    return branch if branch is not None and branch not in abandoned else new_branch_id()
+
+
+def start(committed: Sequence[Manifest], abandoned: Collection[str] = ()) -> Lineage:
     """The lineage of a run that restored nothing: the newest checkpoint's branch, or a new one."""
-    newest = max(committed, key=lambda m: m.step) if committed else None
-    return Lineage(branch=(newest.branch if newest is not None else None) or new_branch_id())
+    return Lineage(branch=_go_on(max(committed, key=lambda m: m.step) if committed else None, abandoned))
 
 
-def after_restore(restored: Manifest, committed: Sequence[Manifest]) -> Lineage:
-    """The lineage after restoring ``restored`` out of the root's ``committed`` checkpoints."""
+def after_restore(restored: Manifest, committed: Sequence[Manifest],
+                  abandoned: Collection[str] = ()) -> Lineage:
+    """The lineage after restoring ``restored`` out of the root's ``committed`` checkpoints;
+    ``abandoned``: the branches rollbacks abandoned (``abandoned_branches``)."""
     newer = sorted((m for m in committed if m.step > restored.step), key=lambda m: m.step)
     if not newer:
-        return Lineage(branch=restored.branch or new_branch_id(), parent=restored.step)
+        return Lineage(branch=_go_on(restored, abandoned), parent=restored.step)
     branch = new_branch_id()
     return Lineage(branch=branch, parent=restored.step,
                    rollback=Rollback(restored=restored.step, branch=branch,
@@ -199,6 +207,11 @@ def finish_interrupted(storage: Storage) -> int:
     return len(todo)
 
 
+def abandoned_branches(storage: Storage) -> set[str]:
+    """The branch ids rollbacks under the root abandoned."""
+    return {str(rec["abandoned_branch"]) for _, rec in records(storage) if rec.get("abandoned_branch")}
+
+
 def abandoned_crcs(storage: Storage) -> set[tuple[int, str]]:
     """``(step, manifest CRC)`` of every checkpoint a rollback abandoned (on a backup, copies
     with the same manifest are the abandoned branch's too)."""
@@ -271,7 +284,7 @@ def retire_abandoned(storage: Storage, policy: Retention, committed: Sequence[in
     return gone
 
 
-__all__ = ["ABANDONED_DIR", "Abandoned", "Lineage", "Rollback", "abandon",
+__all__ = ["ABANDONED_DIR", "Abandoned", "Lineage", "Rollback", "abandon", "abandoned_branches",
            "abandoned_crcs", "after_restore", "drop_abandoned_copies", "finish_interrupted",
            "list_abandoned", "new_branch_id", "records", "refusal", "retire_abandoned", "start",
            "without_abandoned"]

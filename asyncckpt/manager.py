@@ -207,7 +207,8 @@ class CheckpointManager:
             self._clean_root()
         newest = manifest_steps(self.storage)[-1:]
         try:
-            return branches.start([read_manifest(self.storage, s) for s in newest])
+            return branches.start([read_manifest(self.storage, s) for s in newest],
+                                  branches.abandoned_branches(self.storage))
         except (CorruptCheckpointError, StorageError):
             return branches.start([])
 
@@ -810,7 +811,8 @@ class CheckpointManager:
         decided: branches.Lineage | BaseException | None = None
         if self.rank == 0:
             try:
-                decided = branches.after_restore(m, list_committed(self.storage))
+                decided = branches.after_restore(m, list_committed(self.storage),
+                                                 branches.abandoned_branches(self.storage))
             except AsyncCkptError as e:  # every rank must hear of it (no hang)
                 decided = e
         decided = _dist.broadcast_object(decided, self._fg_group)

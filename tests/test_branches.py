@@ -211,6 +211,22 @@ def test_a_second_rollback_abandons_the_first_new_branch(tmp_path: Path) -> None
         assert mgr.restore(state) == 350
 
 
+def test_a_rollback_whose_first_save_never_committed_still_goes_on_as_a_new_branch(tmp_path: Path) -> None:
+    """The move-aside done, the first save lost (killed mid-write): the run restores 200, the
+    newest now, and must not go on under the branch it abandoned."""
+    root = tmp_path / "ckpt"
+    _first_run(root)
+    old = {m.step: m.branch for m in list_committed(Storage(root))}
+    _rollback(root, 200, 250)
+    shutil.rmtree(root / "step-0000000250")  # as if its write had never committed
+    state = _state()
+    with CheckpointManager(root) as mgr:
+        assert mgr.restore(state) == 200
+        mgr.save(300, state, blocking=True)
+    now = {m.step: m for m in list_committed(Storage(root))}
+    assert now[300].branch != old[400] and now[300].parent == 200
+
+
 def test_on_rollback_refuse_names_the_steps_and_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _first_run(root)
