@@ -1,4 +1,5 @@
-"""Checkpoints on S3, against moto's S3 server on 127.0.0.1 (no network beyond loopback).
+"""Checkpoints on S3, against moto's S3 server and SeaweedFS on 127.0.0.1 (no network beyond
+loopback): each test runs on both (conftest's ``s3_server``), unless it says why not.
 
 The Storage contract of ``test_storage.py`` runs here on ``s3://`` too; then
 the S3 write path (parallel multipart parts, aborts, conditional manifest
@@ -52,7 +53,7 @@ def _s3_storage(bucket: dict, endpoint: str | None = None, **kw: Any) -> Storage
 
 @pytest.fixture
 def storage(s3_bucket: dict) -> Storage:
-    """The contract suite's fixture, here a root on a fresh moto bucket."""
+    """The contract suite's fixture, here a root on a fresh bucket of this test's S3 server."""
     return _s3_storage(s3_bucket)
 
 

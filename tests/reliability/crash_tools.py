@@ -127,9 +127,9 @@ class Trial:
                 f"messages {self.messages}")
 
 
-def run_child(trial: Trial, spec: dict[str, Any], moto: str | None, log: Path) -> Trial:
+def run_child(trial: Trial, spec: dict[str, Any], endpoint: str | None, log: Path) -> Trial:
     """Start the child, let it go, SIGKILL it at its freeze point; raise past the deadline."""
-    proxy = FreezingProxy(moto) if moto else None
+    proxy = FreezingProxy(endpoint) if endpoint else None
     if proxy is not None:
         spec = {**spec, **_through(proxy, trial)}
     ours, theirs = CTX.Pipe()

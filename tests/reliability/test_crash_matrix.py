@@ -1,10 +1,10 @@
 """Crash matrix: SIGKILL at a random point of save, prune, mirror and restore, on local disk and
-on S3 (moto on loopback), then prove nothing was lost.
+on S3 (moto and SeaweedFS on loopback), then prove nothing was lost.
 
 Each trial runs tests/helpers_crash_child.py in a process forked from a forkserver that has
 imported torch once.  The child reports over a pipe and freezes at its chosen point: the
 ``kill_at``-th event of the phase on the ``announce`` filesystem (local), or the
-``kill_at``-th request of the phase, held by a proxy in front of moto (S3; half the time the
+``kill_at``-th request of the phase, held by a proxy in front of the S3 server (half the time the
 request is forwarded first, so it takes effect but the reply is lost).  ``kill_at`` is drawn by
 a seeded RNG from 1..N, N counted by a calibration run of the same phase; the seed is printed
 and ``ASYNCCKPT_CRASH_SEED`` replays it.  No sleeps: the kill lands where the child is frozen.
@@ -167,12 +167,12 @@ def run_matrix(setup: Setup, trials: int) -> None:
     setup.build()
     logs = setup.tmp / "logs"
     logs.mkdir()
-    moto = setup.bucket["endpoint"] if setup.bucket else None
+    endpoint = setup.bucket["endpoint"] if setup.bucket else None
 
     def one(index: int, kill_at: int, land: bool) -> tuple[Trial, str | None]:
         t, spec = setup.trial(index, kill_at, land)
         try:
-            run_child(t, spec, moto, logs / f"t{index}.log")
+            run_child(t, spec, endpoint, logs / f"t{index}.log")
             check(setup, t)
         except AssertionError as e:
             return t, f"seed {SEED}: {e}"
