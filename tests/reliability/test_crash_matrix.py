@@ -1,10 +1,10 @@
 """Crash matrix: SIGKILL at a random point of save, prune, mirror and restore, on local disk and
-on S3 (moto on loopback), then prove nothing was lost.
+on S3 (moto and SeaweedFS on loopback), then prove nothing was lost.
 
 Each trial runs tests/helpers_crash_child.py in a process forked from a forkserver that has
 imported torch once.  The child reports over a pipe and freezes at its chosen point: the
 ``kill_at``-th event of the phase on the ``announce`` filesystem (local), or the
-``kill_at``-th request of the phase, held by a proxy in front of moto (S3; half the time the
+``kill_at``-th request of the phase, held by a proxy in front of the S3 server (half the time the
 request is forwarded first, so it takes effect but the reply is lost).  ``kill_at`` is drawn by
 a seeded RNG from 1..N, N counted by a calibration run of the same phase; the seed is printed
 and ``ASYNCCKPT_CRASH_SEED`` replays it.  No sleeps: the kill lands where the child is frozen.
@@ -45,6 +45,14 @@ PHASES = {  # committed before the trial, and the step the child saves
     "restore": (range(1, 4), 4),
 }
 COUNTS = [pytest.param(10, id="10"), pytest.param(50, id="50", marks=pytest.mark.slow)]
+S3_COUNTS = [  # SeaweedFS in CI: few trials (its calibration and base alone cost about as much)
+    pytest.param("moto", 10, id="moto-10"),
+    pytest.param("moto", 50, id="moto-50", marks=pytest.mark.slow),
+    pytest.param("seaweedfs", 3, id="seaweedfs-3"),
+    pytest.param("seaweedfs", 50, id="seaweedfs-50", marks=pytest.mark.slow),
+]
+BACKENDS = {"moto": "s3", "seaweedfs": "s3-seaweedfs"}
+"""The backend name of each S3 server in reports and seeds ("s3" is moto, as in earlier runs)."""
 
 
 class Setup:
@@ -53,7 +61,7 @@ class Setup:
     def __init__(self, phase: str, backend: str, tmp: Path, bucket: dict[str, Any] | None) -> None:
         self.phase, self.backend, self.tmp, self.bucket = phase, backend, tmp, bucket
         self.base, self.step = PHASES[phase]
-        self.big = backend == "s3" and phase == "save"  # 5.5 MB: a two-part multipart upload
+        self.big = backend.startswith("s3") and phase == "save"  # 5.5 MB: a two-part upload
         self.s3_opts = bucket["options"] if bucket else {}
         if bucket:
             self.client, self.name = bucket["client"], bucket["name"]
@@ -79,7 +87,8 @@ class Setup:
                                 "kill_at": kill_at, "s3": bool(self.bucket)}
         if self.big:
             spec.update(compression=None, writers=1)
-        t = Trial(self.phase, self.backend, index, kill_at, root="", land=land, big=self.big)
+        t = Trial(self.phase, self.backend, index, kill_at, root="", land=land, big=self.big,
+                  empty_folders_linger=bool(self.bucket) and self.bucket["server"] == "seaweedfs")
         if self.phase == "mirror":
             shutil.copytree(self._local("base"), self._local(name))
             t.root = spec["root"] = str(self._local(name))
@@ -167,12 +176,12 @@ def run_matrix(setup: Setup, trials: int) -> None:
     setup.build()
     logs = setup.tmp / "logs"
     logs.mkdir()
-    moto = setup.bucket["endpoint"] if setup.bucket else None
+    endpoint = setup.bucket["endpoint"] if setup.bucket else None
 
     def one(index: int, kill_at: int, land: bool) -> tuple[Trial, str | None]:
         t, spec = setup.trial(index, kill_at, land)
         try:
-            run_child(t, spec, moto, logs / f"t{index}.log")
+            run_child(t, spec, endpoint, logs / f"t{index}.log")
             check(setup, t)
         except AssertionError as e:
             return t, f"seed {SEED}: {e}"
@@ -191,6 +200,11 @@ def run_matrix(setup: Setup, trials: int) -> None:
     assert not failures, f"{len(failures)} of {trials} trials failed:\n" + "\n\n".join(failures)
     landed = sum(1 for t, _ in results if t.killed_at)
     assert landed >= trials * 0.8, f"only {landed} of {trials} kills landed (N={total})"
+    lingered = [t for t, _ in [(calibration, None), *results] if t.lingered]
+    if lingered:  # every other check passed; only the known bug showed (see Trial.lingered)
+        pytest.xfail(f"{len(lingered)} of {trials + 1} runs left empty step folders on "
+                     f"{setup.backend}, e.g. {lingered[0].lingered}: SeaweedFS keeps emptied "
+                     "folders and asyncckpt deletes only their files (test_s3.LINGERING_FOLDERS)")
 
 
 def _report(setup: Setup, total: int, results: list[tuple[Trial, str | None]]) -> None:
@@ -205,7 +219,7 @@ def _report(setup: Setup, total: int, results: list[tuple[Trial, str | None]]) -
                 f.write(json.dumps({"test": "crash", "phase": t.phase, "backend": t.backend,
                                     "seed": SEED, "kill_at": t.kill_at, "of": total, "land": t.land,
                                     "killed_at": t.killed_at, "committed": sorted(t.committed),
-                                    "failed": msg}) + "\n")
+                                    "lingered": t.lingered, "failed": msg}) + "\n")
 
 
 @pytest.mark.parametrize("trials", COUNTS)
@@ -215,7 +229,7 @@ def test_sigkill_anywhere_local(tmp_path: Path, phase: str, trials: int) -> None
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("trials", COUNTS)
+@pytest.mark.parametrize("s3_server, trials", S3_COUNTS, indirect=["s3_server"])
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_sigkill_anywhere_s3(tmp_path: Path, s3_bucket: dict, phase: str, trials: int) -> None:
-    run_matrix(Setup(phase, "s3", tmp_path, s3_bucket), trials)
+    run_matrix(Setup(phase, BACKENDS[s3_bucket["server"]], tmp_path, s3_bucket), trials)

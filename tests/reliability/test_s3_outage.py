@@ -1,9 +1,9 @@
 """S3 outage: the endpoint goes away in the middle of a save and comes back.
 
-``OutageProxy`` is the fault proxy of helpers_s3 in front of moto, that can *stop*: at the
-first request a rule matches (here: the upload of part 2 of a shard) it closes its listening
-socket and resets every open connection, so the client gets "connection refused" until
-``come_back()`` listens on the same port again.  When it comes back is driven by events, not
+``OutageProxy`` is the fault proxy of helpers_s3 in front of the S3 server (moto, SeaweedFS),
+that can *stop*: at the first request a rule matches (here: the upload of part 2 of a shard) it
+closes its listening socket and resets every open connection, so the client gets "connection
+refused" until ``come_back()`` listens on the same port again.  When it comes back is driven by events, not
 by the clock: after the client has logged its N-th retry.  Retries are made small for the
 test (``Storage.retry``; botocore does not retry on its own), so a short outage
 (the endpoint comes back after the 4th retry, 1-3 s later) commits, and a long one (it never comes
@@ -120,8 +120,8 @@ class Retries(logging.Handler):
 
 
 @pytest.fixture
-def outage(moto_endpoint: str) -> Iterator[OutageProxy]:
-    proxy = OutageProxy(moto_endpoint)
+def outage(s3_server: h.S3Server) -> Iterator[OutageProxy]:
+    proxy = OutageProxy(s3_server.endpoint)
     yield proxy
     if proxy.down.is_set():
         proxy.come_back()

@@ -7,8 +7,8 @@ of the run is compared with the first half (after a warm-up of 10 saves): stagin
 be equal, descriptors and threads may not rise by more than a pooled connection or two,
 memory by more than 32 MiB.  At the end: exactly the kept checkpoints on both sides, no
 folder without a manifest, no temporary file, no lease, no unfinished multipart upload.
-CI runs 200 saves with a local backup and 40 with an S3 (moto) backup; 200 on S3 is ``slow``.  ``ASYNCCKPT_RELIABILITY_LOG=path``
-appends the first and last values as JSON.
+CI runs 200 saves with a local backup and 40 with an S3 (moto) backup; 200 on S3 is ``slow``.
+``ASYNCCKPT_RELIABILITY_LOG=path`` appends the first and last values as JSON.
 """
 
 from __future__ import annotations
@@ -72,19 +72,31 @@ def _flat(samples: list[dict[str, int]]) -> dict[str, tuple[int, int]]:
     return {k: (max(s[k] for s in body[:half]), max(s[k] for s in body[half:])) for k in SLACK}
 
 
-@pytest.mark.parametrize("backup, saves", [
-    pytest.param("local", 200, id="local-200"),  # about 10 s: in CI
-    pytest.param("s3", 40, id="s3-40", marks=pytest.mark.s3),
-    pytest.param("s3", 200, id="s3-200", marks=[pytest.mark.s3, pytest.mark.slow]),
-])
-def test_soak_resources_stay_flat_and_nothing_is_left(tmp_path: Path, request: pytest.FixtureRequest,
-                                                       saves: int, backup: str) -> None:
+@pytest.mark.parametrize("saves", [pytest.param(200, id="local-200")])  # about 10 s: in CI
+def test_soak_resources_stay_flat_and_nothing_is_left(tmp_path: Path, saves: int) -> None:
+    _soak(tmp_path, saves, None)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("s3_server, saves", [  # moto only: see the docstring
+    pytest.param("moto", 40, id="s3-40"),
+    pytest.param("moto", 200, id="s3-200", marks=pytest.mark.slow),
+], indirect=["s3_server"])
+def test_soak_with_an_s3_backup(tmp_path: Path, s3_bucket: dict[str, Any], saves: int) -> None:
+    """The same soak with the backup on S3.  On moto only: the soak measures asyncckpt's own
+    resources, which do not depend on the server, and on SeaweedFS its last check fails on
+    the empty step folders SeaweedFS keeps after retention deletes their files (the bug
+    pinned by test_s3.LINGERING_FOLDERS); add "seaweedfs" here once it is fixed."""
+    _soak(tmp_path, saves, s3_bucket)
+
+
+def _soak(tmp_path: Path, saves: int, bucket: dict[str, Any] | None) -> None:
     root = tmp_path / "ckpt"
-    if backup == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
+    backup = "local" if bucket is None else "s3"
+    if bucket is not None:
         burl, bopts = f"s3://{bucket['name']}/backup", bucket["options"]
     else:
-        bucket, burl, bopts = None, str(tmp_path / "backup"), {}
+        burl, bopts = str(tmp_path / "backup"), {}
     state = _state()
     samples: list[dict[str, int]] = []
     with CheckpointManager(root, retention=Retention(keep_last=3), backup=burl,
