@@ -419,11 +419,15 @@ class Storage:
                 self.retry.call(lambda p=path: self._rm_file(p), f"delete {self.url_of(_join(rel, sub))}")
             if not subs:  # a file (or nothing); a folder's files went one by one above
                 self.retry.call(lambda: self._rm_file(self.path(rel)), f"delete {self.url_of(rel)}")
-            if recursive and not self.is_object_store:  # local disk, memory://: the folders
+            if recursive and (subs or not self.is_object_store):  # then the folders, deepest first
                 parts = [sub.split("/")[:-1] for sub in subs]
                 folders = {_join(rel, "/".join(p[:n])) for p in parts for n in range(1, len(p) + 1)}
                 folders.add(rel)
                 for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
+                    if self.is_object_store:  # a store that keeps folders (SeaweedFS) drops
+                        path = self.path(folder)  # one by its name; elsewhere a no-op delete
+                        self.retry.call(lambda p=path: self._rm_file(p), f"delete {self.url_of(folder)}")
+                        continue
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rmdir(self.path(folder))
 

@@ -34,17 +34,6 @@ from asyncckpt.storage import Retry, Storage, _discard, list_committed, uncommit
 pytestmark = [pytest.mark.s3, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 MiB = 1 << 20
 
-LINGERING_FOLDERS = pytest.mark.xfail(strict=True, reason=(
-    "library bug on SeaweedFS, its fix under way in storage.py/manager.py: SeaweedFS keeps a "
-    "folder whose files were all deleted (a real directory: listed as a common prefix, "
-    "fs.ls/isdir/exists see it) until its empty-folder cleanup runs (2 min by default) or "
-    "its own name is deleted; Storage.remove(recursive=True) deletes only the files"))
-ON_BOTH_LINGERING_ON_SEAWEEDFS = pytest.mark.parametrize(
-    "s3_server", ["moto", pytest.param("seaweedfs", marks=LINGERING_FOLDERS)], indirect=True)
-"""For the tests that fail on SeaweedFS because of lingering empty folders (strict: once
-the library deletes them, these xfails fail and the marker goes)."""
-
-
 def _keys(bucket: dict, prefix: str = "") -> list[str]:
     out = bucket["client"].list_objects_v2(Bucket=bucket["name"], Prefix=prefix)
     return sorted(o["Key"] for o in out.get("Contents", []))
@@ -68,18 +57,13 @@ def storage(s3_bucket: dict) -> Storage:
     return _s3_storage(s3_bucket)
 
 
-_CONTRACT_LINGERING = {"test_remove_recursive_and_missing",
-                       "test_move_dir_moves_every_file_and_leaves_no_source"}
-"""Contract tests that check a removed or moved folder is no longer listed."""
-
-
 def _on_s3(fn: Any) -> Any:
     """A contract test as a test of this module (its own function: marks stay off test_storage)."""
     def test(storage: Storage) -> None:
         fn(storage)
 
     test.__doc__ = fn.__doc__
-    return ON_BOTH_LINGERING_ON_SEAWEEDFS(test) if fn.__name__ in _CONTRACT_LINGERING else test
+    return test
 
 
 for _name, _fn in inspect.getmembers(_contract, inspect.isfunction):
@@ -284,7 +268,6 @@ def test_retention_on_s3_leaves_exactly_the_kept_prefixes(s3_bucket) -> None:
     assert _unfinished(s3_bucket) == []
 
 
-@ON_BOTH_LINGERING_ON_SEAWEEDFS
 def test_a_restart_after_retention_finds_no_save_cut_short(s3_bucket, caplog) -> None:
     """What retention deleted is gone for the next start too: no step folder without a manifest
     is listed, and no "save that never committed" is reported and removed."""

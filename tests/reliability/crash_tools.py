@@ -113,13 +113,6 @@ class Trial:
     messages: list[str] = field(default_factory=list)
     events: int = 0
     """Events (local) or matching requests (S3) counted: the calibration run's total."""
-    empty_folders_linger: bool = False
-    """The server keeps a folder whose files were deleted (SeaweedFS): see ``lingering``."""
-    lingered: list[str] = field(default_factory=list)
-    """Step folders a new start left behind *empty* (no file in them), where the server keeps
-    emptied folders: asyncckpt deletes their files but not the folders' own names (a known
-    bug, pinned by strict xfails in test_s3.py); tolerated here so that every other promise
-    is still checked on that server, and reported by the test as an xfail."""
 
     @property
     def committed(self) -> set[int]:
@@ -235,16 +228,6 @@ def leftovers(store: Storage) -> list[str]:
     return names + [n for n in store.list_files() if n not in (".lease.json",)]
 
 
-def lingering(trial: Trial, store: Storage, names: list[str]) -> list[str]:
-    """``names`` less the step folders that are empty, where the trial's server keeps emptied
-    folders (those go to ``trial.lingered``); unchanged elsewhere."""
-    if not trial.empty_folders_linger:
-        return names
-    empty = [n for n in names if n.startswith("step-") and not store.walk_files(n)]
-    trial.lingered += [f"{store.url_of(n)}" for n in empty]
-    return [n for n in names if n not in empty]
-
-
 def carry_on(trial: Trial, step: int, **extra: Any) -> tuple[list[int], list[int]]:
     """A new manager on the same root(s): nothing left over, ``step`` saves, restores and (with a
     backup) is mirrored; returns the steps listed on the primary and on the backup after."""
@@ -254,7 +237,7 @@ def carry_on(trial: Trial, step: int, **extra: Any) -> tuple[list[int], list[int
     store = Storage(trial.root, trial.options)
     before = [m.step for m in list_committed(store)]
     with CheckpointManager(trial.root, **opts) as mgr:
-        left = lingering(trial, store, leftovers(store))
+        left = leftovers(store)
         assert left == [], f"leftovers after a new start: {left}; {trial.describe()}"
         assert [i.step for i in mgr.list()] == before, "a new start removed a committed checkpoint"
         mgr.save(step, TrainState(model=child.weights_at(step, trial.big)), blocking=True)
@@ -266,7 +249,7 @@ def carry_on(trial: Trial, step: int, **extra: Any) -> tuple[list[int], list[int
     assert ".lease.json" not in store.list_files(), "close() left the lease behind"
     if trial.backup:
         bstore = Storage(trial.backup, trial.backup_options)
-        left = lingering(trial, bstore, [step_dir_name(s) for s in uncommitted_steps(bstore)])
+        left = [step_dir_name(s) for s in uncommitted_steps(bstore)]
         assert left == [], f"backup leftovers: {left}; {trial.describe()}"
         check_readable(bstore, trial.big, "backup after the restart")
     return after, backup

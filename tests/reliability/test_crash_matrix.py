@@ -87,8 +87,7 @@ class Setup:
                                 "kill_at": kill_at, "s3": bool(self.bucket)}
         if self.big:
             spec.update(compression=None, writers=1)
-        t = Trial(self.phase, self.backend, index, kill_at, root="", land=land, big=self.big,
-                  empty_folders_linger=bool(self.bucket) and self.bucket["server"] == "seaweedfs")
+        t = Trial(self.phase, self.backend, index, kill_at, root="", land=land, big=self.big)
         if self.phase == "mirror":
             shutil.copytree(self._local("base"), self._local(name))
             t.root = spec["root"] = str(self._local(name))
@@ -200,11 +199,6 @@ def run_matrix(setup: Setup, trials: int) -> None:
     assert not failures, f"{len(failures)} of {trials} trials failed:\n" + "\n\n".join(failures)
     landed = sum(1 for t, _ in results if t.killed_at)
     assert landed >= trials * 0.8, f"only {landed} of {trials} kills landed (N={total})"
-    lingered = [t for t, _ in [(calibration, None), *results] if t.lingered]
-    if lingered:  # every other check passed; only the known bug showed (see Trial.lingered)
-        pytest.xfail(f"{len(lingered)} of {trials + 1} runs left empty step folders on "
-                     f"{setup.backend}, e.g. {lingered[0].lingered}: SeaweedFS keeps emptied "
-                     "folders and asyncckpt deletes only their files (test_s3.LINGERING_FOLDERS)")
 
 
 def _report(setup: Setup, total: int, results: list[tuple[Trial, str | None]]) -> None:
@@ -219,7 +213,7 @@ def _report(setup: Setup, total: int, results: list[tuple[Trial, str | None]]) -
                 f.write(json.dumps({"test": "crash", "phase": t.phase, "backend": t.backend,
                                     "seed": SEED, "kill_at": t.kill_at, "of": total, "land": t.land,
                                     "killed_at": t.killed_at, "committed": sorted(t.committed),
-                                    "lingered": t.lingered, "failed": msg}) + "\n")
+                                    "failed": msg}) + "\n")
 
 
 @pytest.mark.parametrize("trials", COUNTS)

@@ -84,9 +84,8 @@ def test_soak_resources_stay_flat_and_nothing_is_left(tmp_path: Path, saves: int
 ], indirect=["s3_server"])
 def test_soak_with_an_s3_backup(tmp_path: Path, s3_bucket: dict[str, Any], saves: int) -> None:
     """The same soak with the backup on S3.  On moto only: the soak measures asyncckpt's own
-    resources, which do not depend on the server, and on SeaweedFS its last check fails on
-    the empty step folders SeaweedFS keeps after retention deletes their files (the bug
-    pinned by test_s3.LINGERING_FOLDERS); add "seaweedfs" here once it is fixed."""
+    resources, which do not depend on the server (the crash matrix and the S3 tests cover
+    SeaweedFS's behaviour)."""
     _soak(tmp_path, saves, s3_bucket)
 
 
