@@ -57,8 +57,7 @@ def s3_server(request: pytest.FixtureRequest) -> _s3.S3Server:
 
 
 @pytest.fixture
-def s3_bucket(s3_server: _s3.S3Server, monkeypatch: pytest.MonkeyPatch,
-              request: pytest.FixtureRequest) -> Iterator[dict]:
+def s3_bucket(s3_server: _s3.S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     """A fresh bucket for one test: ``name``, ``endpoint``, ``options`` (storage_options),
     ``client`` (boto3), ``server`` ("moto" or "seaweedfs").
 

@@ -80,7 +80,8 @@ def _s3_args(s3_bucket: dict) -> list[str]:
 
 
 @pytest.mark.s3
-def test_s3_backup_example_mirrors_to_s3(tmp_path, s3_bucket):
+@pytest.mark.parametrize("s3_server", ["moto"], indirect=True)  # CI time: the slow test below
+def test_s3_backup_example_mirrors_to_s3(tmp_path, s3_bucket):  # runs the example on both servers
     pytest.importorskip("s3fs")
     text = _run(tmp_path, "train_s3_backup.py", "--root", str(tmp_path / "local"), "--steps", "6",
                 *_s3_args(s3_bucket))
