@@ -52,7 +52,8 @@ T = TypeVar("T")
 _USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
 _TRANSIENT_WORDS = ("slowdown", "throttl", "timeout", "timed out", "reset", "temporar",
                     "503", "500", "502", "504", "internalerror", "serviceunavailable",
-                    "connection", "requesttimeout", "too many requests", "429")
+                    "connection", "requesttimeout", "too many requests", "429",
+                    "flexiblechecksum")  # a reply body that failed the client's checksum in transit
 _TRANSIENT_ERRNOS = {e for e in (getattr(errno, "EREMOTEIO", None), errno.EBUSY) if e is not None}
 _CREDENTIAL_NAME = re.compile(r"secret|token|passw|credential|access_key|key_id|account_key"
                               r"|connection_string|(^|_)key$|^username$", re.IGNORECASE)

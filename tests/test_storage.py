@@ -336,6 +336,8 @@ def test_storage_url_and_errors_never_carry_credentials():
     (TimeoutError("slow"), True),
     (OSError("503 Service Unavailable"), True),
     (RuntimeError("SlowDown: reduce your request rate"), True),
+    (type("FlexibleChecksumError", (Exception,), {})("Expected checksum AAAAAA== did not match "
+                                                     "calculated checksum"), True),
     (FileNotFoundError("x"), False),
     (PermissionError("denied"), False),
     (OSError(errno.EIO, "injected write failure"), False),
