@@ -619,11 +619,12 @@ def claim_folder(folder: Storage, *, commit_file: str, kind: str) -> None:
     asyncckpt's left there (proven by its marker; the caller deals with a committed one), then
     mark it.  Raises ``ForeignFolderError`` when the path is a file or holds files asyncckpt
     did not write: those are never deleted."""
-    here = folder.list_files()
-    if not here and not folder.list_dirs() and folder.isfile():
+    entries = folder._ls("")  # one listing: files and sub-folders
+    here = {name for name, info in entries.items() if info.get("type") != "directory"}
+    if not entries and folder.isfile():
         raise ForeignFolderError(f"{folder.url} is a file, not a folder asyncckpt made: asyncckpt "
                                  f"will not replace it; move it away to write this {kind} there")
-    if here or folder.list_dirs():
+    if entries:
         if MARKER_NAME not in here and commit_file not in here:
             raise ForeignFolderError(
                 f"{folder.url} holds files asyncckpt did not write ({', '.join(sorted(here)[:3]) or 'folders'}"
