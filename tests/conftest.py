@@ -18,6 +18,21 @@ def faulty_fs() -> Iterator[type[FaultyFS]]:
     fs_cls.release()
 
 
+@pytest.fixture
+def asyncckpt_log(caplog: pytest.LogCaptureFixture):
+    """Capture asyncckpt's own log at WARNING and above; calling it returns the messages so far.
+    Other libraries' records are left out: torch 2.11's DCP event logger hands DEBUG records
+    to every handler whatever its level."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="asyncckpt")
+
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "asyncckpt" or r.name.startswith("asyncckpt.")]
+    return messages
+
+
 # -- S3 on loopback (moto's server and SeaweedFS), for tests marked `s3`; see helpers_s3 -------
 
 import uuid as _uuid  # noqa: E402
