@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import StorageError
-from .manifest import MANIFEST_NAME, Manifest, step_dir_name
-from .quarantine import aside_name, list_aside, move_aside, utc_time
+from .errors import CorruptCheckpointError, StorageError
+from .manifest import MAX_JSON_BYTES, MANIFEST_NAME, Manifest, parse_json, step_dir_name
+from .quarantine import aside_name, is_aside_name, list_aside, move_aside, utc_time
 from .retention import Retention
 from .storage import Storage, delete_checkpoint, is_committed
 
@@ -189,13 +189,28 @@ def records(storage: Storage) -> list[tuple[str, dict[str, Any]]]:
             continue
         rel = f"{ABANDONED_DIR}/{name}"
         try:
-            rec = json.loads(storage.read_bytes(rel))
-        except (StorageError, ValueError) as e:
+            rec = parse_json(storage.read_bytes(rel, max_bytes=MAX_JSON_BYTES), storage.url_of(rel))
+        except (StorageError, CorruptCheckpointError) as e:
             log.warning("skipping rollback record %s: %s", storage.url_of(rel), e)
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("moves"), list):
+        if _is_record(rec):
             out.append((rel, rec))
+        else:
+            log.warning("skipping rollback record %s: not a record asyncckpt wrote (its moves "
+                        "must name steps, manifest checksums and folder names under %s/)",
+                        storage.url_of(rel), ABANDONED_DIR)
     return out
+
+
+def _is_record(rec: Any) -> bool:
+    """A rollback record: every move a step, a manifest CRC and None or an aside folder name
+    (never a path: ``_carry_out`` deletes and moves what a record names)."""
+    return (isinstance(rec, dict) and isinstance(rec.get("moves"), list)
+            and isinstance(rec.get("from_step"), int) and all(
+                isinstance(m, dict) and isinstance(m.get("step"), int) and not isinstance(m["step"], bool)
+                and 0 <= m["step"] < 10**10 and isinstance(m.get("manifest_crc"), str)
+                and (m.get("name") is None or (isinstance(m["name"], str) and is_aside_name(m["name"])))
+                for m in rec["moves"]))
 
 
 def finish_interrupted(storage: Storage) -> int:

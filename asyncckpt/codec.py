@@ -64,6 +64,9 @@ CHECKSUM_ALGO = "crc32"
 MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = 1 << 30
 MAX_ITEMSIZE = 255
+MAX_RATIO = 1 << 15
+"""zstd's best compression: an RLE block, 4 bytes for 128 KiB.  An item decodes to at most this
+many times its encoded length, so a header claiming more is damage, refused before allocating."""
 
 _HEADER = struct.Struct("<4sBBBQI")
 _HEADER_CRC = struct.Struct("<I")
@@ -314,7 +317,8 @@ def parse_header(buf: bytes, *, name: str = "<buffer>") -> FrameHeader:
     if stored_crc != actual_crc:
         expected = f"header crc {stored_crc:08x}"
         raise CorruptCheckpointError(name, expected, f"{actual_crc:08x}", "damaged header")
-    if flags & ~FLAG_GROUPED or itemsize == 0 or chunk_bytes == 0 or chunk_bytes % itemsize:
+    if (flags & ~FLAG_GROUPED or itemsize == 0 or chunk_bytes == 0 or chunk_bytes % itemsize
+            or chunk_bytes > MAX_CHUNK_BYTES):
         detail = f"flags={flags:#x} itemsize={itemsize} chunk_bytes={chunk_bytes}"
         raise CorruptCheckpointError(name, "consistent fields", detail, "impossible header")
     return FrameHeader(raw_nbytes, itemsize, bool(flags & FLAG_GROUPED), chunk_bytes)
@@ -359,15 +363,21 @@ def decode(
     *,
     out: bytearray | memoryview | None = None,
     name: str = "<buffer>",
+    max_nbytes: int | None = None,
 ) -> bytearray | memoryview:
     """Read one encoded item through ``read`` (like ``file.read``) and return its raw bytes.
 
     Reads exactly the item's bytes, so items can follow each other in a file.
     With ``out`` (a writable contiguous buffer of the decoded size) the bytes
-    are written there and ``out`` is returned; otherwise a new ``bytearray``.
+    are written there and ``out`` is returned; otherwise a new ``bytearray``
+    of the size the header gives, which must not exceed ``max_nbytes`` (checked
+    before anything is allocated; every chunk is at most ``MAX_CHUNK_BYTES``).
     Any malformation raises ``CorruptCheckpointError`` with ``name`` as path.
     """
     header = parse_header(_read_exact(read, HEADER_BYTES, name, "header"), name=name)
+    if out is None and max_nbytes is not None and header.raw_nbytes > max_nbytes:
+        raise CorruptCheckpointError(name, f"at most {max_nbytes} decoded bytes", header.raw_nbytes,
+                                     "the item's header claims more than the checkpoint can hold")
     target = bytearray(header.raw_nbytes) if out is None else out
     view = _output_view(target, header.raw_nbytes, name)
     dctx = zstandard.ZstdDecompressor()
@@ -394,11 +404,15 @@ class _BufferReader:
 
 
 def decode_bytes(
-    buf: Buffer, *, out: bytearray | memoryview | None = None, name: str = "<buffer>"
+    buf: Buffer, *, out: bytearray | memoryview | None = None, name: str = "<buffer>",
+    max_nbytes: int | None = None,
 ) -> bytearray | memoryview:
-    """Decode an item held whole in ``buf``; trailing bytes after it are corruption too."""
+    """Decode an item held whole in ``buf``; trailing bytes after it are corruption too.  The
+    decoded size is bounded by ``max_nbytes`` and by ``MAX_RATIO`` times ``len(buf)``."""
     reader = _BufferReader(buf)
-    result = decode(reader.read, out=out, name=name)
+    bound = MAX_RATIO * reader.view.nbytes
+    bound = bound if max_nbytes is None else min(bound, max_nbytes)
+    result = decode(reader.read, out=out, name=name, max_nbytes=bound)
     total = reader.view.nbytes
     if reader.pos != total:
         raise CorruptCheckpointError(name, f"{reader.pos} bytes", total, "trailing bytes")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import enum
 import io
 import logging
 import pickle
@@ -46,6 +45,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from . import codec as _codec
 from ._torch_compat import _StorageInfo, _StoragePrefix, _create_read_items
 from .errors import AsyncCkptError, CorruptCheckpointError, UnsafeCheckpointError
+from .safe_metadata import CODEC_NAME, load_metadata
 from .bounce import Bounce
 from .manifest import FileEntry
 from .storage import Storage
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 METADATA_NAME = ".metadata"
 SHARD_SUFFIX = ".distcp"
-CODEC_NAME = "zstd"
 
 
 def unwrap_failures(exc: BaseException) -> dict[int, BaseException]:
@@ -159,34 +158,37 @@ class CheckpointWriter(StorageWriter):
         return fut
 
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
-        results = []
+        results, raw_bytes = [], 0
         with self.storage.open_write(name) as raw:
             out = _codec.ChecksumWriter(raw)
             for item in items:
                 offset = out.nbytes
-                self._write_item(out, item, planner.resolve_data(item))
+                raw_bytes += self._write_item(out, item, planner.resolve_data(item))
                 length = out.nbytes - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
         self._record(FileEntry(path=name, size=out.nbytes, checksum=out.hexdigest(),
-                               codec=CODEC_NAME if self.codec else None, rank=self.rank))
+                               codec=CODEC_NAME if self.codec else None, rank=self.rank,
+                               raw_bytes=raw_bytes if self.codec else None))
         return results
 
-    def _write_item(self, out: Any, item: WriteItem, data: Any) -> None:
+    def _write_item(self, out: Any, item: WriteItem, data: Any) -> int:
+        """Write one item; returns its decoded size."""
         if item.type == WriteItemType.BYTE_IO and self.codec is None:
             out.write(data.getbuffer())
-            return
+            return data.getbuffer().nbytes
         if item.type == WriteItemType.BYTE_IO:  # small: encoded for its CRCs, one chunk at a time
             for piece in _codec.encode(data.getbuffer(), itemsize=1, options=self.codec):
                 out.write(piece)
-            return
+            return data.getbuffer().nbytes
         t = _plain_tensor(data)
         if self.codec is None:
             torch.save(t, out)
-            return
+            return t.numel() * t.element_size()
         for piece in _codec.encode(tensor_bytes(t), itemsize=t.element_size(),
                                    options=self.codec, executor=self.executor):
             out.write(piece)
+        return t.numel() * t.element_size()
 
     def _record(self, entry: FileEntry) -> None:
         with self._lock:
@@ -213,84 +215,6 @@ class CheckpointWriter(StorageWriter):
 
 
 # -- reading ---------------------------------------------------------------------
-
-_METADATA_MODULES = {
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-}
-_BUILTINS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-             ("builtins", "slice"), ("builtins", "tuple"), ("builtins", "list"),
-             ("builtins", "dict"), ("builtins", "object"), ("copyreg", "_reconstructor"),
-             ("torch", "Size"),
-             # looks a torch.layout up by name in a fixed table; runs nothing else
-             ("torch.serialization", "_get_layout"),
-             # plain DCP records StorageMeta.checkpoint_id as a path; constructing one runs nothing
-             ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-             ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
-
-
-def _is_metadata_class(obj: Any) -> bool:
-    """DCP's own plain-data classes (dataclasses and enums), not writers, readers or helpers."""
-    return (isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint.")
-            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only DCP's metadata classes, torch dtypes and plain containers."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self.name = name
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _BUILTINS:
-            return super().find_class(module, name)
-        if module in _METADATA_MODULES and not name.startswith("__"):
-            obj = super().find_class(module, name)
-            if _is_metadata_class(obj):
-                return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(self.name, "DCP metadata classes only",
-                                    f"a pickle that imports {module}.{name}",
-                                    "refused to load; nothing was executed")
-
-
-def load_metadata(data: bytes, name: str) -> dcp_metadata.Metadata:
-    try:
-        md = _MetadataUnpickler(data, name).load()
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CorruptCheckpointError(name, "DCP metadata", "unreadable pickle", str(e)) from e
-    if not isinstance(md, dcp_metadata.Metadata):
-        raise CorruptCheckpointError(name, "DCP Metadata", type(md).__name__)
-    _check_locations(md, name)
-    return md
-
-
-def _check_locations(md: dcp_metadata.Metadata, name: str) -> None:
-    """Every item has a location: a plain file name in this folder and a non-negative range."""
-    where = md.storage_data
-    items = md.state_dict_metadata
-    if not isinstance(where, dict) or not isinstance(items, dict):
-        raise CorruptCheckpointError(name, "DCP metadata with item locations", "none")
-    for fqn, item in items.items():
-        chunks = getattr(item, "chunks", None)
-        keys = [dcp_metadata.MetadataIndex(fqn, c.offsets) for c in chunks] if chunks is not None \
-            else [dcp_metadata.MetadataIndex(fqn)]
-        for key in keys:
-            info = where.get(key)
-            path = getattr(info, "relative_path", None)
-            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-            if not (isinstance(path, str) and path and "/" not in path and "\\" not in path
-                    and path not in (".", "..") and isinstance(offset, int) and offset >= 0
-                    and isinstance(length, int) and length >= 0):
-                found = f"{type(info).__name__} (path={path!r}, offset={offset!r}, length={length!r})"
-                raise CorruptCheckpointError(name, f"a file and byte range for item {fqn}", found,
-                                             "damaged metadata")
-
 
 class CheckpointReader(StorageReader):
     """Reads one checkpoint folder, verifying file checksums from the manifest."""
@@ -322,7 +246,7 @@ class CheckpointReader(StorageReader):
         url = self.storage.url_of(name)
         entry = self.files.get(name)
         try:
-            data = self.storage.read_bytes(name)
+            data = self.storage.read_bytes(name, max_bytes=None if entry is None else entry.size)
         except OSError as e:
             raise CorruptCheckpointError(url, "a readable file", "missing or unreadable", str(e)) from e
         if self.verify and entry is not None:
@@ -335,7 +259,7 @@ class CheckpointReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         if self.metadata is None:
             data = self.read_file(METADATA_NAME)
-            self.metadata = load_metadata(data, self.storage.url_of(METADATA_NAME))
+            self.metadata = load_metadata(data, self.storage.url_of(METADATA_NAME), self.files or None)
             if getattr(self.metadata, "storage_meta", None) is None:
                 self.metadata.storage_meta = dcp_metadata.StorageMeta()
         return self.metadata
@@ -344,10 +268,17 @@ class CheckpointReader(StorageReader):
                               *args: Any, **kwargs: Any) -> None:
         self.metadata = metadata
         self._chunks = {}
+        tensor_bytes_in: dict[str, int] = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, dcp_metadata.TensorStorageMetadata):
                 for chunk in md.chunks:
                     self._chunks[(fqn, tuple(chunk.offsets))] = (md.properties.dtype, chunk.sizes)
+                    path = metadata.storage_data[dcp_metadata.MetadataIndex(fqn, chunk.offsets)].relative_path
+                    tensor_bytes_in[path] = tensor_bytes_in.get(path, 0) + \
+                        chunk.sizes.numel() * md.properties.dtype.itemsize
+        # what a file's objects may decode to: its recorded raw size less its tensors'
+        self._object_budget = {name: max(0, e.raw_bytes - tensor_bytes_in.get(name, 0))
+                               for name, e in self.files.items() if e.raw_bytes is not None}
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -395,7 +326,8 @@ class CheckpointReader(StorageReader):
                                              f"{len(blob)} bytes", "file is truncated")
             if req.type == LoadItemType.BYTE_IO:
                 if encoded:
-                    blob = memoryview(_codec.decode_bytes(blob, name=url))
+                    blob = memoryview(_codec.decode_bytes(blob, name=f"{url} (item {req.storage_index.fqn})",
+                                                          max_nbytes=self._object_budget.get(name)))
                 with self._lock:
                     planner.load_bytes(req, io.BytesIO(blob))
                 continue
@@ -446,13 +378,10 @@ class CheckpointReader(StorageReader):
                 raise CorruptCheckpointError(url, "a torch.save tensor", "unreadable item", str(e)) from e
         key = (req.storage_index.fqn, tuple(req.storage_index.offset or ()))
         dtype, sizes = self._chunks[key]
-        raw = _codec.decode_bytes(blob, name=url)
-        expected = sizes.numel() * dtype.itemsize
-        if len(raw) != expected:
-            raise CorruptCheckpointError(url, f"{expected} bytes for {key[0]}", f"{len(raw)} bytes")
-        if expected == 0:
-            return torch.empty(sizes, dtype=dtype)
-        return torch.frombuffer(raw, dtype=dtype).reshape(sizes)
+        out = torch.empty(sizes, dtype=dtype)  # the size .metadata gives: the header must agree
+        _codec.decode_bytes(blob, out=tensor_bytes(out) if out.numel() else bytearray(),
+                            name=f"{url} (item {key[0]})")
+        return out
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -47,7 +48,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from .errors import CheckpointExistsError, LeaseError, StorageError
+from .errors import CheckpointExistsError, CorruptCheckpointError, LeaseError, StorageError
+from .manifest import parse_json
 from .storage import Retry, Storage
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ LEASE_NAME = ".lease.json"
 HEARTBEAT_S = 10.0
 TIMEOUT_S = 60.0
 _ACQUIRE_TRIES = 4
+_MAX_LEASE_BYTES = 64 << 10
+"""A lease is a few hundred bytes; a bigger file at its name is not one."""
 
 
 def _read_text(path: str) -> str:
@@ -127,15 +131,21 @@ class Holder:
     @classmethod
     def from_json(cls, data: bytes, source: str) -> "Holder":
         try:
-            raw = json.loads(data)
+            raw = parse_json(data, source)
             return cls(owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]),
                        timeout_s=float(raw["timeout_s"]), boot_id=str(raw.get("boot_id", "")),
                        pid_ns=str(raw.get("pid_ns", "")),
-                       pid_start_ticks=int(raw.get("pid_start_ticks", 0)))
-        except (ValueError, TypeError, KeyError) as e:
+                       pid_start_ticks=int(raw.get("pid_start_ticks", 0)))._checked()
+        except (CorruptCheckpointError, ValueError, TypeError, KeyError, OverflowError) as e:
             raise LeaseError(f"{source} is not a readable lease ({type(e).__name__}: {e}); if no job "
                              "writes to this root, delete it") from e
+
+    def _checked(self) -> "Holder":
+        if not all(math.isfinite(t) for t in (self.started, self.heartbeat, self.timeout_s)):
+            raise ValueError(f"non-finite times (started={self.started}, heartbeat={self.heartbeat}, "
+                             f"timeout_s={self.timeout_s})")
+        return self
 
     def describe(self, now: float | None = None) -> str:
         """``host pid 123 since 2024-...Z (last heartbeat 3s ago)``."""
@@ -211,7 +221,10 @@ def root_key(storage: Storage) -> str:
 def read_holder(storage: Storage) -> Holder | None:
     """The holder named by ``<root>/.lease.json``, or None when there is none."""
     try:
-        data = storage.read_bytes(LEASE_NAME)
+        data = storage.read_bytes(LEASE_NAME, max_bytes=_MAX_LEASE_BYTES)
+    except CorruptCheckpointError as e:
+        raise LeaseError(f"{storage.url_of(LEASE_NAME)} is not a readable lease ({e}); if no job "
+                         "writes to this root, delete it") from e
     except StorageError as e:
         if isinstance(e.cause, FileNotFoundError) or not storage.exists(LEASE_NAME):
             return None

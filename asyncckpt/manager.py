@@ -51,8 +51,8 @@ from .lease import WriteGuard
 from .quarantine import (checked_plan, list_quarantined, quarantine, quarantine_unreadable,
                          retire_expired)
 from .storage import (Storage, abort_unfinished_saves, delete_checkpoint, is_committed,
-                      list_committed, manifest_steps, read_manifest, remove_temporary_files,
-                      remove_unfinished_saves, verify_checkpoint)
+                      list_committed, manifest_steps, read_folder_manifest, read_manifest,
+                      remove_temporary_files, remove_unfinished_saves, verify_checkpoint)
 from .release import (Provenance, ReleaseInfo, ReleaseOptions, checkpoint_weights, is_release,
                       list_releases, release_weights, remove_unfinished_releases, state_weights,
                       with_release_tags, write_release)
@@ -763,7 +763,7 @@ class CheckpointManager:
             self.last_restore_report = self._load_initial(folder, state, **load)
             return 0
         try:
-            m = Manifest.from_json(folder.read_bytes(MANIFEST_NAME), folder.url_of(MANIFEST_NAME))
+            m = read_folder_manifest(folder)
         except StorageError as e:
             if not folder.exists(METADATA_NAME):
                 raise CheckpointNotFoundError(f"at {folder.url} (no {MANIFEST_NAME})", self.root,

@@ -26,6 +26,26 @@ STEP_DIR_PATTERN = re.compile(r"step-([0-9]{10})")  # ASCII digits only, as step
 _MAX_STEP = 10**10 - 1
 BRANCH_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 """A lineage branch id: lowercase hex (``branches.new_branch_id`` writes 8 digits)."""
+MAX_JSON_BYTES = 64 << 20
+"""The largest JSON file asyncckpt reads back (a manifest of 500 000 files fits): a bigger one
+is damage, refused before it is read."""
+_PLAIN_NAME = re.compile(r"[^/\\\x00-\x1f]+")
+
+
+def parse_json(data: str | bytes, source: str) -> Any:
+    """``json.loads`` for a file asyncckpt reads back; anything unparsable (not UTF-8, a syntax
+    error, nesting too deep for the parser) raises ``CorruptCheckpointError`` naming ``source``."""
+    try:
+        return json.loads(data)
+    except RecursionError as e:
+        raise CorruptCheckpointError(source, "JSON", "nesting too deep to parse") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(source, "JSON", "unparsable text", str(e)) from e
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is a file name inside its folder: no separator, no ``..``, not absolute."""
+    return isinstance(name, str) and name not in (".", "..") and bool(_PLAIN_NAME.fullmatch(name))
 
 
 def step_dir_name(step: int) -> str:
@@ -69,10 +89,14 @@ class FileEntry:
     """How tensors inside the file are encoded: ``"zstd"`` or None for plain DCP."""
     rank: int | None = None
     """The rank that wrote the file; None for files written by the coordinator alone."""
+    raw_bytes: int | None = None
+    """Decoded size of all the items in a compressed shard: reading bounds every decode by it
+    (a damaged header cannot make a reader allocate more); None when not recorded."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "checksum": self.checksum,
-                "codec": self.codec, "rank": self.rank}
+        out = {"path": self.path, "size": self.size, "checksum": self.checksum,
+               "codec": self.codec, "rank": self.rank}
+        return out if self.raw_bytes is None else {**out, "raw_bytes": self.raw_bytes}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,10 +160,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "<manifest>") -> "Manifest":
         """Parse a manifest strictly; anything malformed raises CorruptCheckpointError."""
-        try:
-            raw = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptCheckpointError(source, "JSON", "unparsable text", str(e)) from e
+        raw = parse_json(text, source)
         if not isinstance(raw, dict):
             raise CorruptCheckpointError(source, "a JSON object", type(raw).__name__)
         return _parse(raw, source)
@@ -182,7 +203,7 @@ def _parse(raw: dict[str, Any], source: str) -> Manifest:
             "written by a newer asyncckpt; upgrade to read it")
     try:
         actual = content_checksum(raw)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(source, "JSON values", "unserialisable content", str(e)) from e
     if raw[CHECKSUM_KEY] != actual:
         raise CorruptCheckpointError(source, raw[CHECKSUM_KEY], actual,
@@ -246,11 +267,18 @@ def _opt_int(v: Any) -> int | None:
 def _parse_file(f: Any) -> FileEntry:
     if not isinstance(f, dict) or "path" not in f or "size" not in f:
         raise ValueError(f"file entry {f!r} lacks path or size")
-    path = str(f["path"])
-    if "/" in path or path in ("", ".", ".."):
-        raise ValueError(f"file entry path {path!r} must be a plain file name")
-    return FileEntry(path=path, size=int(f["size"]), checksum=f.get("checksum"),
-                     codec=f.get("codec"), rank=_opt_int(f.get("rank")))
+    path, size, checksum, codec = f["path"], f["size"], f.get("checksum"), f.get("codec")
+    if not is_plain_name(path):
+        raise ValueError(f"file entry path {path!r} must be a plain file name inside the folder")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"file entry {path!r}: size {size!r} is not a non-negative integer")
+    if not (checksum is None or isinstance(checksum, str)) or not (codec is None or isinstance(codec, str)):
+        raise ValueError(f"file entry {path!r}: checksum and codec must be strings or null")
+    raw_bytes = _opt_int(f.get("raw_bytes"))
+    if raw_bytes is not None and raw_bytes < 0:
+        raise ValueError(f"file entry {path!r}: raw_bytes {raw_bytes!r} is negative")
+    return FileEntry(path=path, size=size, checksum=checksum, codec=codec,
+                     rank=_opt_int(f.get("rank")), raw_bytes=raw_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from .branches import drop_abandoned_copies
 from .codec import Checksum
 from .errors import AsyncCkptError, CorruptCheckpointError, IntegrityError, StorageError
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, step_dir_name
+from .manifest import MANIFEST_NAME, MAX_JSON_BYTES, FileEntry, Manifest, step_dir_name
 from .retention import Retention
 from .storage import (Storage, abort_unfinished_saves, claim_folder, delete_checkpoint,
                       list_committed, remove_unfinished_saves)
@@ -154,7 +154,7 @@ class Mirror:
         src, dst = self.primary.child(name), self.backup.child(name)
         started, copying = time.monotonic(), False
         try:
-            raw = src.read_bytes(MANIFEST_NAME)
+            raw = src.read_bytes(MANIFEST_NAME, max_bytes=MAX_JSON_BYTES)
             manifest = Manifest.from_json(raw, src.url_of(MANIFEST_NAME))
             if not self._copy_needed(dst, raw):
                 return

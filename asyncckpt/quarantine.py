@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from .errors import CorruptCheckpointError, StorageError
-from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
+from .manifest import MAX_JSON_BYTES, Manifest, parse_json, parse_step_dir, step_dir_name
 from .retention import Retention, RetentionPlan
 from .storage import Storage, manifest_steps, read_manifest, verify_files
 
@@ -59,6 +59,11 @@ def utc_time(now: datetime) -> str:
     return now.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def is_aside_name(name: str) -> bool:
+    """Whether ``name`` is a folder name ``aside_name`` makes (``step-N.<time>[-n]``)."""
+    return _NAME.fullmatch(name) is not None
+
+
 def aside_name(storage: Storage, area: str, step: int, now: datetime) -> str:
     """A free folder name under ``area`` for ``step`` set aside at ``now``:
     ``step-NNNNNNNNNN.<UTC time>`` (``-<n>`` added if taken)."""
@@ -88,9 +93,10 @@ def list_aside(storage: Storage, area: str, note_name: str) -> list[tuple[int, s
         step = parse_step_dir(match.group(1)) if match else None
         if step is None:
             continue
+        rel = f"{area}/{name}/{note_name}"
         try:
-            note = json.loads(storage.read_bytes(f"{area}/{name}/{note_name}"))
-        except (StorageError, ValueError):
+            note = parse_json(storage.read_bytes(rel, max_bytes=MAX_JSON_BYTES), storage.url_of(rel))
+        except (StorageError, CorruptCheckpointError):
             note = None
         out.append((step, name, note if isinstance(note, dict) else {}))
     return sorted(out, key=lambda t: (t[0], t[1]))
@@ -182,6 +188,6 @@ def retire_expired(storage: Storage, policy: Retention, committed: Sequence[int]
     return gone
 
 
-__all__ = ["QUARANTINE_DIR", "Quarantined", "aside_name", "checked_plan", "damage", "list_aside",
-           "list_quarantined", "move_aside", "quarantine", "quarantine_unreadable", "remove_quarantined",
+__all__ = ["QUARANTINE_DIR", "Quarantined", "aside_name", "checked_plan", "damage", "is_aside_name",
+           "list_aside", "list_quarantined", "move_aside", "quarantine", "quarantine_unreadable", "remove_quarantined",
            "retire_expired", "utc_time"]

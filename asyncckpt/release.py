@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from . import codec as _codec
 from .errors import (CheckpointExistsError, ConfigError, CorruptCheckpointError,
                      StateMismatchError, StorageError)
-from .manifest import FileEntry, Manifest
+from .manifest import MAX_JSON_BYTES, FileEntry, Manifest, is_plain_name, parse_json
 from .storage import Storage, claim_folder, remove_unfinished
 
 if TYPE_CHECKING:
@@ -196,15 +196,41 @@ class ReleaseInfo:
 
 def read_card(storage: Storage, version: str) -> dict[str, Any]:
     """The model card of one release; CorruptCheckpointError if unreadable."""
-    rel = f"{release_dir(version)}/{CARD_NAME}"
-    try:
-        card = json.loads(storage.read_bytes(rel))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(storage.url_of(rel), "JSON", "unparsable text", str(e)) from e
-    if not isinstance(card, dict) or card.get("version") != version or "files" not in card:
-        raise CorruptCheckpointError(storage.url_of(rel), f"a model card of version {version}",
-                                     repr(card)[:80])
+    return _read_card(storage.child(release_dir(version)), version)
+
+
+def _read_card(folder: Storage, version: str | None) -> dict[str, Any]:
+    """The card in a release ``folder``, checked (``check_card``)."""
+    source = folder.url_of(CARD_NAME)
+    return check_card(parse_json(folder.read_bytes(CARD_NAME, max_bytes=MAX_JSON_BYTES), source),
+                      source, version)
+
+
+def check_card(card: Any, source: str, version: str | None = None) -> dict[str, Any]:
+    """``card`` if it is a model card (of ``version``, when given) whose every file is a plain
+    name inside the release folder with a size and checksum, and whose ``weights`` is one of
+    them; else CorruptCheckpointError naming ``source`` and the field."""
+    def bad(expected: str, found: object) -> CorruptCheckpointError:
+        return CorruptCheckpointError(source, expected, repr(found)[:80], "damaged model card")
+
+    if not isinstance(card, dict):
+        raise bad("a JSON object", card)
+    if version is not None and card.get("version") != version:
+        raise bad(f"version {version!r}", card.get("version"))
+    files = card.get("files")
+    if not isinstance(files, list) or not all(_is_card_file(f) for f in files):
+        raise bad("files: a list of {path: a plain file name, size, checksum}", files)
+    if card.get("format") not in WEIGHT_FILES or card.get("weights") != WEIGHT_FILES[card["format"]]:
+        raise bad(f"format and weights one of {WEIGHT_FILES}", (card.get("format"), card.get("weights")))
+    if card["weights"] not in {f["path"] for f in files}:
+        raise bad(f"{card['weights']} among the files", [f["path"] for f in files])
     return card
+
+
+def _is_card_file(f: Any) -> bool:
+    return (isinstance(f, dict) and is_plain_name(f.get("path")) and isinstance(f.get("size"), int)
+            and not isinstance(f["size"], bool) and f["size"] >= 0
+            and isinstance(f.get("checksum"), (str, type(None))))
 
 
 def _release_folders(storage: Storage) -> list[tuple[str, str]]:
@@ -344,14 +370,10 @@ def release_weights(folder: Storage, *, verify: bool = True) -> dict[str, torch.
     import torch
     from safetensors.torch import load as load_safetensors
 
-    try:
-        card = json.loads(folder.read_bytes(CARD_NAME))
-        name = card["weights"]
-        entry = next(f for f in card["files"] if f["path"] == name)
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, StopIteration) as e:
-        raise CorruptCheckpointError(folder.url_of(CARD_NAME), "a model card naming its weights",
-                                     "unreadable card", str(e)) from e
-    data = folder.read_bytes(name)
+    card = _read_card(folder, None)
+    name = card["weights"]
+    entry = next(f for f in card["files"] if f["path"] == name)
+    data = folder.read_bytes(name, max_bytes=entry["size"])
     if verify and (len(data) != entry["size"] or _codec.checksum_bytes(data) != entry["checksum"]):
         raise CorruptCheckpointError(folder.url_of(name), entry["checksum"],
                                      _codec.checksum_bytes(data), "checksum or size mismatch")

@@ -35,7 +35,7 @@ from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, step_dir_name
 from .planner import SafeLoadPlanner
 from .state import PARTS, TrainState
-from .storage import Storage, list_committed, verify_files
+from .storage import Storage, list_committed, read_folder_manifest, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def find_checkpoint(source: Storage) -> tuple[Storage, Manifest]:
     """The checkpoint ``source`` points at: a checkpoint folder (with a manifest), a plain DCP
     folder (step 0, unchecked), or a run's root (its newest committed checkpoint)."""
     if source.exists(MANIFEST_NAME):
-        return source, Manifest.from_json(source.read_bytes(MANIFEST_NAME), source.url_of(MANIFEST_NAME))
+        return source, read_folder_manifest(source)
     if source.exists(METADATA_NAME):
         log.warning("%s has no %s: reading it as a plain DCP checkpoint (files not checksummed)",
                     source.url, MANIFEST_NAME)

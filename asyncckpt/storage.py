@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -43,7 +44,7 @@ from fsspec.spec import AbstractBufferedFile
 from . import codec as _codec
 from .errors import (AsyncCkptError, CheckpointExistsError, ConfigError, CorruptCheckpointError,
                      ForeignFolderError, StorageError)
-from .manifest import MANIFEST_NAME, Manifest, parse_step_dir, step_dir_name
+from .manifest import MANIFEST_NAME, MAX_JSON_BYTES, Manifest, parse_step_dir, step_dir_name
 from .multipart import MultipartWriter, Upload, abort_unfinished
 
 log = logging.getLogger(__name__)
@@ -333,18 +334,51 @@ class Storage:
                 self.fs.invalidate_cache(path)
             return bool(self.retry.call(lambda: self.fs.isfile(path), f"stat {self.url_of(rel)}"))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, *, max_bytes: int | None = None) -> bytes:
+        """The whole file ``rel``; with ``max_bytes``, a larger file is ``CorruptCheckpointError``
+        and no more than ``max_bytes + 1`` bytes are read (on local disk its size is checked
+        first).  On local disk only a regular file inside this folder is read (see
+        ``check_local_file``)."""
+        size = self.check_local_file(rel) if self.is_local else None
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise CorruptCheckpointError(self.url_of(rel), f"at most {max_bytes} bytes", f"{size} bytes")
+        end = None if max_bytes is None else max_bytes + 1
         with self._errors("read", rel):
-            return self.retry.call(lambda: self.fs.cat_file(self.path(rel)),
+            data = self.retry.call(lambda: self.fs.cat_file(self.path(rel), start=None, end=end),
                                    f"read {self.url_of(rel)}")
+        if max_bytes is not None and len(data) > max_bytes:
+            raise CorruptCheckpointError(self.url_of(rel), f"at most {max_bytes} bytes",
+                                         f"more ({len(data)} read)")
+        return data
 
     @contextlib.contextmanager
     def open_read(self, rel: str) -> Iterator[IO[bytes]]:
+        """``rel`` opened for reading; on local disk only a regular file inside this folder."""
+        if self.is_local:
+            self.check_local_file(rel)
         with self._errors("read", rel):
             f = self.retry.call(lambda: self.fs.open(self.path(rel), "rb"),
                                 f"open {self.url_of(rel)}")
             with f:
                 yield f
+
+    def check_local_file(self, rel: str) -> int:
+        """The size of ``rel`` on a local disk, which must be a regular file whose real path
+        (symlinks resolved) lies inside this folder: a FIFO (a read would hang), a device
+        (``/dev/zero`` never ends) or a link out of the folder is ``CorruptCheckpointError``
+        before anything is opened.  A missing file is ``StorageError``."""
+        path, url = self.path(rel), self.url_of(rel)
+        with self._errors("read", rel):
+            real, inside = os.path.realpath(path), os.path.realpath(self.root)
+            st = os.stat(real)
+        if os.path.commonpath([real, inside]) != inside:
+            raise CorruptCheckpointError(url, f"a file inside {self.url}", f"a link to {real}",
+                                         "refused: a checkpoint's files stay in its folder")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                    else "a device or socket")
+            raise CorruptCheckpointError(url, "a regular file", kind, "refused to read it")
+        return st.st_size
 
     def list_dirs(self, rel: str = "") -> list[str]:
         """Names of the sub-folders of ``rel`` (empty when it does not exist)."""
@@ -502,12 +536,19 @@ def _discard(f: Any) -> None:
 
 # -- the checkpoints under a root ---------------------------------------------------
 
+def read_folder_manifest(folder: Storage) -> Manifest:
+    """The manifest of the checkpoint folder ``folder`` (at most ``MAX_JSON_BYTES`` read);
+    CorruptCheckpointError if it is unreadable, StorageError if it cannot be read."""
+    data = folder.read_bytes(MANIFEST_NAME, max_bytes=MAX_JSON_BYTES)
+    return Manifest.from_json(data, folder.url_of(MANIFEST_NAME))
+
+
 def read_manifest(storage: Storage, step: int) -> Manifest:
     """The manifest of one step; CorruptCheckpointError if it is unreadable or inconsistent."""
-    rel = f"{step_dir_name(step)}/{MANIFEST_NAME}"
-    m = Manifest.from_json(storage.read_bytes(rel), storage.url_of(rel))
+    m = read_folder_manifest(storage.child(step_dir_name(step)))
     if m.step != step:
-        raise CorruptCheckpointError(storage.url_of(rel), f"step {step}", f"step {m.step}")
+        raise CorruptCheckpointError(storage.url_of(f"{step_dir_name(step)}/{MANIFEST_NAME}"),
+                                     f"step {step}", f"step {m.step}")
     return m
 
 
@@ -690,15 +731,28 @@ def verify_files(folder: Storage, manifest: Manifest,
             if present[entry.path] != entry.size:
                 problems.append(f"{url}: expected {entry.size} bytes, found {present[entry.path]}")
             continue
-        digest = _codec.Checksum()
-        with folder.open_read(entry.path) as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
+        try:
+            digest = _stream_digest(folder, entry.path, entry.size + 1, on_bytes)
+        except CorruptCheckpointError as e:  # not a regular file of the folder
+            problems.append(str(e))
+            continue
         if digest.nbytes != entry.size:
-            problems.append(f"{url}: expected {entry.size} bytes, found {digest.nbytes}")
+            found = f"more than {entry.size}" if digest.nbytes > entry.size else digest.nbytes
+            problems.append(f"{url}: expected {entry.size} bytes, found {found}")
         elif entry.checksum and digest.hexdigest() != entry.checksum:
             problems.append(f"{url}: expected {entry.checksum}, found {digest.hexdigest()}: "
                             "checksum mismatch")
     return problems
+
+
+def _stream_digest(folder: Storage, rel: str, limit: int,
+                   on_bytes: Callable[[int], object] | None) -> _codec.Checksum:
+    """The checksum of at most ``limit`` bytes of ``rel``, read 8 MiB at a time (a file longer
+    than the manifest records is not read to its end: one byte more shows it)."""
+    digest = _codec.Checksum()
+    with folder.open_read(rel) as f:
+        while digest.nbytes < limit and (chunk := f.read(min(8 << 20, limit - digest.nbytes))):
+            digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return digest

@@ -16,6 +16,7 @@ from asyncckpt.manifest import (
     FileEntry,
     Manifest,
     check_step,
+    is_plain_name,
     parse_step_dir,
     select,
     step_dir_name,
@@ -28,7 +29,7 @@ SOURCE = "s3://bucket/run/step-0000000007/manifest.json"
 
 steps = st.integers(0, MAX_STEP)
 texts = st.text(max_size=12)
-file_names = st.text(min_size=1, max_size=12).filter(lambda s: "/" not in s and s not in (".", ".."))
+file_names = st.text(min_size=1, max_size=12).filter(is_plain_name)
 metric_values = st.floats(allow_nan=False)           # infinities survive the round trip too
 
 file_entries = st.builds(
@@ -156,6 +157,16 @@ _DROP = object()
     (_raw(world_size="many"), "many"),
     (_raw(files=[{"path": "../escape", "size": 1}]), "escape"),
     (_raw(files=[{"path": "a/b", "size": 1}]), "a/b"),
+    (_raw(files=[{"path": "/etc/passwd", "size": 1}]), "/etc/passwd"),
+    (_raw(files=[{"path": "..", "size": 1}]), "'..'"),
+    (_raw(files=[{"path": "a\\b", "size": 1}]), "a\\\\b"),
+    (_raw(files=[{"path": "a\x00b", "size": 1}]), "a\\x00b"),
+    (_raw(files=[{"path": 7, "size": 1}]), "7"),
+    (_raw(files=[{"path": "x", "size": -1}]), "-1"),
+    (_raw(files=[{"path": "x", "size": "10"}]), "'10'"),
+    (_raw(files=[{"path": "x", "size": 1, "checksum": 5}]), "checksum"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "nesting too deep", id="deep-list"),
+    pytest.param('{"a":' * 100_000 + "1" + "}" * 100_000, "nesting too deep", id="deep-object"),
     (_raw(files=[{"path": "x"}]), "size"),
     (_raw(files=["x"]), "x"),
     (_raw(files=5), "malformed"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import pickle
@@ -30,10 +29,9 @@ from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from asyncckpt import CheckpointManager, TrainState
-from asyncckpt.codec import CodecOptions, checksum_bytes, encode_bytes
 from asyncckpt.dcp_io import METADATA_NAME, load_metadata
 from asyncckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
-from asyncckpt.manifest import MANIFEST_NAME, seal
+from helpers_crafting import replace_item as _replace_item, rewrite_file as _rewrite
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -99,36 +97,6 @@ def root(pristine: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def marker(tmp_path: Path) -> Path:
     return tmp_path / "PWNED"
-
-
-def _rewrite(folder: Path, name: str, data: bytes) -> None:
-    """Replace one file and make the manifest agree with it (size and checksum)."""
-    (folder / name).write_bytes(data)
-    manifest_path = folder / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text())
-    (entry,) = [f for f in manifest["files"] if f["path"] == name]
-    entry.update(size=len(data), checksum=checksum_bytes(data))
-    manifest_path.write_text(json.dumps(seal(manifest), indent=1))
-
-
-def _replace_item(folder: Path, fqn: str, blob: bytes) -> str:
-    """Put ``blob`` in place of object item ``fqn`` (re-laying out its shard); returns the shard."""
-    md = load_metadata((folder / METADATA_NAME).read_bytes(), METADATA_NAME)
-    key = MetadataIndex(fqn)
-    info = md.storage_data[key]
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    codec = next(f["codec"] for f in manifest["files"] if f["path"] == info.relative_path)
-    stored = encode_bytes(blob, itemsize=1, options=CodecOptions()) if codec else blob
-    shard = (folder / info.relative_path).read_bytes()
-    delta = len(stored) - info.length
-    for k, v in md.storage_data.items():
-        if v.relative_path == info.relative_path and v.offset > info.offset:
-            md.storage_data[k] = dataclasses.replace(v, offset=v.offset + delta)
-    md.storage_data[key] = dataclasses.replace(info, length=len(stored))
-    _rewrite(folder, info.relative_path,
-             shard[:info.offset] + stored + shard[info.offset + info.length:])
-    _rewrite(folder, METADATA_NAME, pickle.dumps(md))
-    return info.relative_path
 
 
 def _torch_saved(obj: object) -> bytes:
@@ -280,3 +248,93 @@ def test_folder_without_manifest_or_metadata_is_not_found(tmp_path: Path) -> Non
     (tmp_path / "empty").mkdir()
     with CheckpointManager(tmp_path / "root") as mgr, pytest.raises(LookupError):
         mgr.restore(_state(9), tmp_path / "empty")
+
+
+# -- (d) BUILD: a pickle that would change a class or a shared object for the whole process ---
+
+# Each sets an attribute with BUILD's slot state on something an allowed global gives: the
+# PosixPath class itself (so ``Path("/data/run") / "best.pt"`` would become a slice), or a
+# shared enum member; the third gives a DCP dataclass a field it does not define.
+_ON_CLASS = b"cpathlib\nPosixPath\nN}S'__truediv__'\ncbuiltins\nslice\ns\x86b."
+_ON_ENUM = (b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n(I0\ntR"
+            b"N}S'name_'\nS'evil'\ns\x86b.")
+
+
+def _with_unknown_field(folder: Path) -> bytes:
+    md = load_metadata((folder / METADATA_NAME).read_bytes(), METADATA_NAME)
+    info = next(iter(md.storage_data.values()))
+    info.__dict__["on_load"] = "x"  # a field _StorageInfo does not have
+    return pickle.dumps(md)
+
+
+def test_the_build_payload_is_real() -> None:
+    """Plain pickle applies it (in a child process, so this one is not changed)."""
+    import subprocess
+    import sys
+
+    code = ("import pickle, pathlib; pickle.loads(%r); "
+            "print(type(pathlib.Path('/data/run') / 'best.pt').__name__)" % _ON_CLASS)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "slice"
+
+
+@pytest.mark.parametrize("kind", ["on a class", "on an enum member", "unknown field"])
+def test_metadata_build_cannot_change_the_process(root: Path, kind: str) -> None:
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    folder = root / STEP2
+    data = {"on a class": _ON_CLASS, "on an enum member": _ON_ENUM,
+            "unknown field": None}[kind] or _with_unknown_field(folder)
+    _rewrite(folder, METADATA_NAME, data)
+    with CheckpointManager(root) as mgr:
+        with pytest.raises(UnsafeCheckpointError, match="refused") as info:
+            mgr.restore(_state(9), 2)
+        assert f"{STEP2}/{METADATA_NAME}" in str(info.value)
+        assert mgr.restore(_state(9)) == 1  # "latest" falls back past it
+    assert Path("/data/run") / "best.pt" == Path("/data/run/best.pt")
+    assert _MEM_FORMAT_ENCODING(0).name == "TORCH_CONTIGUOUS_FORMAT"
+
+
+def _confused(md: Any, how: str) -> Any:
+    """``md`` (real metadata) with one field of the wrong type or out of bounds."""
+    key = next(k for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks"))
+    item = md.state_dict_metadata[key]
+    index = next(iter(md.storage_data))
+    if how == "items a list":
+        md.state_dict_metadata = list(md.state_dict_metadata.items())
+    elif how == "item an int":
+        md.state_dict_metadata[key] = 7
+    elif how == "properties None":
+        item.properties = None
+    elif how == "size a list":
+        item.size = list(item.size)
+    elif how == "chunk outside":
+        item.chunks[0] = dataclasses.replace(item.chunks[0], offsets=torch.Size([d + 1 for d in item.size]))
+    elif how == "chunks a dict":
+        item.chunks = {0: item.chunks[0]}
+    elif how == "location a dict":
+        md.storage_data[index] = {"relative_path": "x"}
+    elif how == "length past the file":
+        md.storage_data[index] = dataclasses.replace(md.storage_data[index], length=10**9)
+    elif how == "negative offset":
+        md.storage_data[index] = dataclasses.replace(md.storage_data[index], offset=-5)
+    elif how == "key an int":
+        md.state_dict_metadata[5] = md.state_dict_metadata.pop(key)
+    return md
+
+
+CONFUSIONS = ["items a list", "item an int", "properties None", "size a list", "chunk outside",
+              "chunks a dict", "location a dict", "length past the file", "negative offset",
+              "key an int"]
+
+
+@pytest.mark.parametrize("how", CONFUSIONS)
+def test_type_confused_metadata_is_a_damaged_checkpoint(root: Path, how: str) -> None:
+    folder = root / STEP2
+    md = _confused(load_metadata((folder / METADATA_NAME).read_bytes(), METADATA_NAME), how)
+    _rewrite(folder, METADATA_NAME, pickle.dumps(md, protocol=4))
+    with CheckpointManager(root) as mgr:
+        with pytest.raises(CorruptCheckpointError) as info:
+            mgr.restore(_state(9), 2)
+        assert f"{STEP2}/{METADATA_NAME}" in str(info.value)
+        assert mgr.restore(_state(9)) == 1

@@ -67,7 +67,7 @@ from ..manager import CheckpointManager
 from ..manifest import MANIFEST_NAME, Manifest
 from ..planner import SavePlanner, safe_load
 from ..state import TrainState, capture_rng, restore_rng, to_blob
-from ..storage import Storage
+from ..storage import Storage, read_folder_manifest
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class AsyncCkptIO(CheckpointIO):
         if not folder.exists(MANIFEST_NAME):
             raise CheckpointNotFoundError(f"at {folder.url} (no {MANIFEST_NAME}: not an asyncckpt "
                                           "checkpoint, or one that never committed)", folder.url)
-        manifest = Manifest.from_json(folder.read_bytes(MANIFEST_NAME), folder.url_of(MANIFEST_NAME))
+        manifest = read_folder_manifest(folder)
         items = dict(read_items(folder, {f.path: f for f in manifest.files}))
         skeleton = safe_load(items.pop(SKELETON), folder.url)
         device = map_location if isinstance(map_location, (str, torch.device)) else None
