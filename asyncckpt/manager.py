@@ -257,7 +257,7 @@ class CheckpointManager:
             self._refuse_existing(step, rollback)
         started = time.perf_counter()
         # plan first (collective, cached), then stage only the items this rank writes
-        plan, mine = self._plans.plan(lambda: {**state.tensors(), **state.objects(self.rank)}, step=step)
+        plan, mine = self._plans.plan(lambda: state.collect(self.rank), step=step)
         try:
             staged = self._stager.stage(
                 mine,
