@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -56,31 +57,46 @@ _KEPT = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray,
 _MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
 _BASES = (str, int, float, complex, bytes, bytearray)
 _BLOB_TENSORS = (torch.Tensor, nn.Parameter)
+_STRIDED = torch.strided
 _PLAIN_DISPATCH = torch._C._disabled_torch_dispatch_impl
 _EXPECTED = ("expected plain values (None, bool, int, float, str, bytes, tensors, and "
              "dicts, lists, tuples and sets of them)")
 
 
-class _Walk:
-    """One pass over one value; ``dcp``: tensors reached through dicts and lists are
-    written by DCP as data (model and optimizer state), not pickled."""
+Path = "tuple[Path | None, str, Any] | None"
+"""Where a value is, built as the walk goes down and spelt out only for an error:
+``(parent, how, key)`` with ``how`` one of ``"["`` (an item), ``"key"``, ``"."``."""
 
-    def __init__(self, where: str, dcp: bool) -> None:
+
+def _spell(path: Any) -> str:
+    parts = []
+    while path is not None:
+        path, how, key = path
+        parts.append(f"[{key!r}]" if how == "[" else f" key {key!r}" if how == "key" else f".{key}")
+    return "".join(reversed(parts))
+
+
+class _Walk:
+    """One pass over one value; ``dcp``: it is model or optimizer state, which DCP walks
+    (writing its tensors as data) and staging copies."""
+
+    def __init__(self, where: str) -> None:
         self.where = where
-        self.dcp = dcp
         self.active: set[int] = set()
 
-    def refuse(self, path: str, value: Any, why: str = _EXPECTED) -> ConfigError:
-        kind = f"{type(value).__module__}.{type(value).__qualname__}"
-        kind = kind.removeprefix("builtins.")
-        return ConfigError(f"{self.where}{path} is a {kind}; {why}")
+    def refuse(self, path: Any, value: Any, why: str = _EXPECTED) -> ConfigError:
+        kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+        return ConfigError(f"{self.where}{_spell(path)} is a {kind}; {why}")
 
-    def value(self, v: Any, path: str, dcp: bool) -> Any:
+    def value(self, v: Any, path: Any, dcp: bool) -> Any:
         t = type(v)
+        if t is torch.Tensor and dcp and v.layout is _STRIDED and not (
+                v.is_quantized or v.is_meta or v.is_nested):
+            return v  # most of a large optimizer state: the fast path
         if t in _KEPT:
             return v
         if isinstance(v, torch.Tensor):
-            return self.tensor(v, path, dcp)
+            return self.dcp_tensor(v, path) if dcp else self.tensor(v, path)
         if isinstance(v, enum.Enum):
             return self.value(v.value, path, dcp)
         np = sys.modules.get("numpy")
@@ -92,7 +108,7 @@ class _Walk:
             return self.container(v, path, dcp)
         raise self.refuse(path, v)
 
-    def numpy(self, v: Any, path: str, np: Any) -> Any:
+    def numpy(self, v: Any, path: Any, np: Any) -> Any:
         if isinstance(v, np.ndarray):
             raise self.refuse(path, v, "convert it with torch.from_numpy() or .tolist()")
         item = v.item()
@@ -100,14 +116,14 @@ class _Walk:
             raise self.refuse(path, v, "convert it to a float or a tensor")
         return self.value(item, path, False)
 
-    def container(self, v: Any, path: str, dcp: bool) -> Any:
+    def container(self, v: Any, path: Any, dcp: bool) -> Any:
         if id(v) in self.active:
             raise self.refuse(path, v, "it contains itself")
         self.active.add(id(v))
         try:
             if isinstance(v, Mapping):
                 return self.mapping(v, path, dcp)
-            new = [self.value(x, f"{path}[{i}]", dcp) for i, x in enumerate(v)]
+            new = [self.value(x, (path, "[", i), dcp) for i, x in enumerate(v)]
         finally:
             self.active.discard(id(v))
         kind = list if isinstance(v, list) else tuple if isinstance(v, tuple) else set
@@ -115,46 +131,55 @@ class _Walk:
             return v
         return kind(new)
 
-    def mapping(self, v: Mapping[Any, Any], path: str, dcp: bool) -> Any:
+    def mapping(self, v: Mapping[Any, Any], path: Any, dcp: bool) -> Any:
+        """A copy only from the first item that changes (a plain optimizer state: none)."""
         kind = type(v) if type(v) in _MAPPINGS else dict
-        out: dict[Any, Any] = {}
-        changed = kind is not type(v)
-        for old, x in v.items():
-            k = self.key(old, path, dcp)
-            if k in out:
-                raise self.refuse(f"{path} key {old!r}", old, f"it becomes {k!r}, already a key")
-            out[k] = self.value(x, f"{path}[{k!r}]", dcp)
-            changed = changed or out[k] is not x or k is not old
-        if not changed:
+        out: dict[Any, Any] | None = None if kind is type(v) else {}
+        value = self.value
+        for i, (old, x) in enumerate(v.items()):
+            k = old if type(old) is str else self.key(old, path, dcp)
+            n = value(x, (path, "[", k), dcp)
+            if n is not x or k is not old or out is not None:
+                out = self.copy_from(v, i, out)
+                if k in out:
+                    raise self.refuse((path, "key", old), old, f"it becomes {k!r}, already a key")
+                out[k] = n
+        if out is None:
             return v
         return out if kind is dict else kind(out)
 
-    def key(self, k: Any, path: str, dcp: bool) -> Any:
+    @staticmethod
+    def copy_from(v: Mapping[Any, Any], i: int, out: dict[Any, Any] | None) -> dict[Any, Any]:
+        """``out``, or a copy of the items before the ``i``-th, the first that changed."""
+        return out if out is not None else dict(itertools.islice(v.items(), i))
+
+    def key(self, k: Any, path: Any, dcp: bool) -> Any:
         allowed = (str,) if dcp else (str, int, bool)
         if type(k) in allowed:
             return k
         try:
-            new = self.value(k, f"{path} key {k!r}", False)
+            new = self.value(k, (path, "key", k), False)
         except ConfigError:
             new = None
         if type(new) not in allowed:
             why = ("dict keys in model and optimizer state must be a str (DCP restores any "
                    "other key as a str)" if dcp else "dict keys must be a str or int")
-            raise self.refuse(f"{path} key {k!r}", k, why)
+            raise self.refuse((path, "key", k), k, why)
         return new
 
-    def tensor(self, t: torch.Tensor, path: str, dcp: bool) -> torch.Tensor:
-        if dcp:
-            return self.dcp_tensor(t, path)
+    def tensor(self, t: torch.Tensor, path: Any) -> torch.Tensor:
         if type(t) not in _BLOB_TENSORS:
             raise self.refuse(path, t, "tensor subclasses other than nn.Parameter do not "
                                        "load weights-only; save a plain tensor")
         attrs = getattr(t, "__dict__", None)
-        if attrs and self.value(dict(attrs), f"{path}.__dict__", False) is not attrs:
-            raise self.refuse(f"{path}.__dict__", t, "tensor attributes must be plain values")
+        if attrs:
+            mine = dict(attrs)
+            if self.value(mine, (path, ".", "__dict__"), False) is not mine:
+                raise self.refuse((path, ".", "__dict__"), t,
+                                  "tensor attributes must be plain values as they are")
         return t
 
-    def dcp_tensor(self, t: torch.Tensor, path: str) -> torch.Tensor:
+    def dcp_tensor(self, t: torch.Tensor, path: Any) -> torch.Tensor:
         if isinstance(t, DTensor):
             return t
         if type(t).__torch_dispatch__ is not _PLAIN_DISPATCH:
@@ -201,6 +226,6 @@ def plain(value: Any, where: str, *, dcp: bool = False) -> Any:
     there must be ones DCP writes exactly.
     """
     try:
-        return _Walk(where, dcp).value(value, "", dcp)
+        return _Walk(where).value(value, None, dcp)
     except RecursionError as e:
         raise ConfigError(f"{where} is nested too deeply to save") from e

@@ -187,6 +187,19 @@ class Holder(nn.Module):
         self.value = state
 
 
+class Loader:
+    """A dataloader-like object whose state is any value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["v"]
+
+
 def _extra(value: Any) -> TrainState:
     return TrainState(extra={"v": value}, rng=False)
 
@@ -221,6 +234,9 @@ PLACES: dict[str, tuple[Callable[[Any], TrainState], Callable[[TrainState], Any]
                     "optimizer 'optimizer' state_dict()['param_groups'][0]['v']"),
     "scheduler": (_scheduler, lambda s: s.schedulers["scheduler"].v,
                   "scheduler 'scheduler' state_dict()['v']"),
+    "dataloader": (lambda v: TrainState(dataloader=Loader(v), rng=False),
+                   lambda s: s.dataloaders["dataloader"].value,
+                   "dataloader 'dataloader' state_dict()['v']"),
 }
 
 
@@ -270,6 +286,16 @@ def test_refused_value_fails_save_naming_its_key_path_and_type(tmp_path, place, 
 def test_tensor_subclass_in_a_pickled_value_is_refused(tmp_path, place, make):
     build, _, where = PLACES[place]
     _assert_refused(tmp_path / "ckpt", build(make()), where, type(make()).__name__)
+
+
+def test_tensor_attributes_are_kept_when_plain_and_refused_when_not(tmp_path):
+    good, bad = torch.ones(2), torch.ones(2)
+    good.note, bad.note = {"n": 1}, np.float64(1.0)
+    dst = TrainState(extra={}, rng=False)
+    _round_trip(tmp_path / "ok", TrainState(extra={"t": good}, rng=False), dst)
+    assert dst.extra["t"].note == {"n": 1} and torch.equal(dst.extra["t"], good)
+    _assert_refused(tmp_path / "bad", TrainState(extra={"t": bad}, rng=False),
+                    "TrainState extra['t'].__dict__", "torch.Tensor")
 
 
 def test_saved_value_is_not_changed_in_the_live_state(tmp_path):
