@@ -3,7 +3,9 @@
 Tensors come from ``torch.distributed.checkpoint.state_dict`` (so DDP, FSDP2
 and plain modules all give fully qualified names without wrapper prefixes).
 Everything that is not a tensor (scheduler, dataloader position, RNG states,
-``extra``) is serialised into a blob at ``save()`` time with ``torch.save``
+``extra``) is checked against the type rule of ``values.py`` (``collect``, which also
+checks the model and optimizer state) and serialised into a blob at ``save()`` time with
+``torch.save``
 (capturing it early freezes its value) and read back by
 ``planner.SafeLoadPlanner`` with ``torch.load(weights_only=True)``, so reading
 never runs code from the checkpoint.
@@ -164,7 +166,8 @@ class TrainState:
     ``model`` and ``optimizer`` may be single objects or dicts of several.
     ``scheduler`` and ``dataloader`` (e.g. torchdata's StatefulDataLoader) may
     be anything with ``state_dict``/``load_state_dict``, or dicts of them.
-    ``extra`` is a dict of plain values restored in place.  ``rng`` saves and
+    ``extra`` is a dict of plain values restored in place (the type rule every saved
+    value follows, and what is converted or refused, is in ``values.py``).  ``rng`` saves and
     restores python, numpy, torch CPU and every CUDA generator.
     """
 
