@@ -58,17 +58,15 @@ _MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
 _BASES = (str, int, float, complex, bytes, bytearray)
 _BLOB_TENSORS = (torch.Tensor, nn.Parameter)
 _STRIDED = torch.strided
-_PLAIN_DISPATCH = torch._C._disabled_torch_dispatch_impl
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__  # what a subclass that defines none has
 _EXPECTED = ("expected plain values (None, bool, int, float, str, bytes, tensors, and "
              "dicts, lists, tuples and sets of them)")
 
 
-Path = "tuple[Path | None, str, Any] | None"
-"""Where a value is, built as the walk goes down and spelt out only for an error:
-``(parent, how, key)`` with ``how`` one of ``"["`` (an item), ``"key"``, ``"."``."""
-
-
 def _spell(path: Any) -> str:
+    """A key path as users write it.  The walk builds paths as it goes down, cheaply, and
+    spells one out only for an error: ``(parent, how, key)`` or None (the value itself),
+    ``how`` one of ``"["`` (an item), ``"key"`` (a dict key), ``"."`` (an attribute)."""
     parts = []
     while path is not None:
         path, how, key = path
