@@ -35,6 +35,7 @@ from .errors import (
     IntegrityError,
     RollbackRefusedError,
     StorageError,
+    UnsafeCheckpointError,
 )
 from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
 from .dcp_io import METADATA_NAME
@@ -110,6 +111,13 @@ def _drain_at_exit() -> None:
             mgr.close()
         except Exception as e:  # noqa: BLE001 - at exit there is nobody left to raise to
             log.error("pending checkpoint writes failed at exit: %s", e)
+
+
+def _failure(e: BaseException) -> str:
+    """How restore names a checkpoint it could not use: save() makes none that weights-only
+    loading refuses, so such a one was written by something else, not torn or bit-flipped."""
+    return "refused as unsafe (an item asks to import code)" if isinstance(
+        e, UnsafeCheckpointError) else "damaged"
 
 
 class CheckpointManager:
@@ -257,7 +265,7 @@ class CheckpointManager:
             self._refuse_existing(step, rollback)
         started = time.perf_counter()
         # plan first (collective, cached), then stage only the items this rank writes
-        plan, mine = self._plans.plan(lambda: {**state.tensors(), **state.objects(self.rank)}, step=step)
+        plan, mine = self._plans.plan(lambda: state.collect(self.rank), step=step)
         try:
             staged = self._stager.stage(
                 mine,
@@ -671,7 +679,7 @@ class CheckpointManager:
                 if which != "latest" and i == len(candidates) - 1:
                     raise
                 errors.append(e)
-                log.warning("step=%d is damaged, falling back to %s: %s", m.step,
+                log.warning("step=%d is %s, falling back to %s: %s", m.step, _failure(e),
                             "another copy" if which != "latest" else "an older checkpoint", e)
                 if which == "latest" and not from_backup and self._may_write():
                     quarantine(self.storage, m.step, str(e))
@@ -681,8 +689,11 @@ class CheckpointManager:
         if not errors:  # every candidate was deleted while being read
             raise CheckpointNotFoundError(f"{which!r}", self.root,
                                           [c.step for c in list_committed(self.storage)])
-        raise CorruptCheckpointError(self.root, "a restorable checkpoint",
-                                     f"{len(errors)} damaged", "; ".join(map(str, errors)))
+        unsafe = sum(isinstance(e, UnsafeCheckpointError) for e in errors)
+        found = ", ".join(f"{n} {what}" for n, what in ((len(errors) - unsafe, "damaged"),
+                                                         (unsafe, "refused as unsafe")) if n)
+        raise CorruptCheckpointError(self.root, "a restorable checkpoint", found,
+                                     "; ".join(map(str, errors)))
 
     def _agreed_candidates(self, which: int | str, fallback: bool) -> list[tuple[Manifest, bool]]:
         """Rank 0 decides which copies to try (newest first; ``(manifest, from_backup)``)

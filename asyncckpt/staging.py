@@ -79,7 +79,9 @@ def _rebuild(v: Any, repl: Mapping[Path, torch.Tensor], path: Path = ()) -> Any:
         return {k: _rebuild(x, repl, (*path, k)) for k, x in v.items()}
     if isinstance(v, list):
         return [_rebuild(x, repl, (*path, i)) for i, x in enumerate(v)]
-    if isinstance(v, tuple):
+    if type(v) is torch.Size:  # a tuple of ints: never holds a tensor, and must stay a Size
+        return v
+    if isinstance(v, tuple):  # values.py made every other tuple a plain one
         return tuple(_rebuild(x, repl, (*path, i)) for i, x in enumerate(v))
     return v  # ints, floats, strings: immutable, or copied by state.py
 

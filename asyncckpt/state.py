@@ -3,7 +3,9 @@
 Tensors come from ``torch.distributed.checkpoint.state_dict`` (so DDP, FSDP2
 and plain modules all give fully qualified names without wrapper prefixes).
 Everything that is not a tensor (scheduler, dataloader position, RNG states,
-``extra``) is serialised into a blob at ``save()`` time with ``torch.save``
+``extra``) is checked against the type rule of ``values.py`` (``collect``, which also
+checks the model and optimizer state) and serialised into a blob at ``save()`` time with
+``torch.save``
 (capturing it early freezes its value) and read back by
 ``planner.SafeLoadPlanner`` with ``torch.load(weights_only=True)``, so reading
 never runs code from the checkpoint.
@@ -55,11 +57,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import ConfigError, CorruptCheckpointError, StateMismatchError
+from .values import plain
 
 log = logging.getLogger(__name__)
 
 PARTS = ("model", "optimizer", "scheduler", "dataloader", "rng", "extra")
-_PLAIN = (int, float, str, bool, bytes, type(None), torch.Tensor)
 
 
 def _as_dict(obj: Any, default_name: str) -> dict[str, Any]:
@@ -76,21 +78,6 @@ def _require(obj: Any, where: str, methods: tuple[str, ...] = ("state_dict", "lo
         raise ConfigError(f"TrainState {where}: {type(obj).__name__} object has no "
                           f"{' or '.join(missing)}(); expected an object with state_dict() "
                           "and load_state_dict()")
-
-
-def check_plain(value: Any, where: str) -> None:
-    """Refuse values that could not be read back safely (custom classes, functions)."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise ConfigError(f"{where}: key {k!r} must be a str or int")
-            check_plain(v, f"{where}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_plain(v, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN):
-        raise ConfigError(f"{where}={value!r} is a {type(value).__name__}; expected plain values "
-                          "(int, float, str, bool, None, bytes, tensors, and lists/dicts of them)")
 
 
 def to_blob(obj: Any) -> io.BytesIO:
@@ -179,7 +166,8 @@ class TrainState:
     ``model`` and ``optimizer`` may be single objects or dicts of several.
     ``scheduler`` and ``dataloader`` (e.g. torchdata's StatefulDataLoader) may
     be anything with ``state_dict``/``load_state_dict``, or dicts of them.
-    ``extra`` is a dict of plain values restored in place.  ``rng`` saves and
+    ``extra`` is a dict of plain values restored in place (the type rule every saved
+    value follows, and what is converted or refused, is in ``values.py``).  ``rng`` saves and
     restores python, numpy, torch CPU and every CUDA generator.
     """
 
@@ -271,16 +259,28 @@ class TrainState:
         parts = set(parts)
         out: dict[str, Any] = {}
         if "scheduler" in parts and self.schedulers:
-            out["scheduler"] = to_blob({k: s.state_dict() for k, s in self.schedulers.items()})
+            out["scheduler"] = to_blob({k: plain(s.state_dict(), f"scheduler {k!r} state_dict()")
+                                        for k, s in self.schedulers.items()})
         if "extra" in parts:
-            check_plain(self.extra, "TrainState extra")
-            out["extra"] = to_blob(dict(self.extra))
+            out["extra"] = to_blob(plain(dict(self.extra), "TrainState extra"))
         if "rng" in parts and self.rng:
             out[f"rank_{rank}/rng"] = to_blob(capture_rng())
         if "dataloader" in parts and self.dataloaders:
             out[f"rank_{rank}/dataloader"] = to_blob(
-                {k: d.state_dict() for k, d in self.dataloaders.items()})
+                {k: plain(d.state_dict(), f"dataloader {k!r} state_dict()")
+                 for k, d in self.dataloaders.items()})
         return out
+
+    def collect(self, rank: int) -> dict[str, Any]:
+        """What ``save()`` hands to DCP: ``tensors()`` and ``objects()``, every value checked
+        (and converted) under the type rule of ``values.py``, so that whatever is saved
+        restores; a value that would not raises ``ConfigError`` naming its key path."""
+        out = {}
+        for key, sd in self.tensors().items():
+            kind, name = key.split("/", 1)
+            what = "model" if kind == "model" else "optimizer"
+            out[key] = plain(sd, f"{what} {name!r} state_dict()", dcp=True)
+        return {**out, **self.objects(rank)}
 
     # -- load side ----------------------------------------------------------------
     def load_targets(self, rank: int, available: set[str], parts: Iterable[str] = PARTS) -> dict[str, Any]:

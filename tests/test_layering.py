@@ -15,7 +15,7 @@ LAYER = {
     "errors": 0,
     "retention": 1, "schedule": 1, "manifest": 1, "config": 1,
     "_torch_compat": 2, "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
-    "multipart": 2, "safe_metadata": 2,
+    "multipart": 2, "safe_metadata": 2, "values": 2,
     "storage": 3, "dcp_io": 3, "lease": 3, "quarantine": 3, "branches": 3,
     "pipeline": 4, "restore": 4, "mirror": 4, "release": 4,
     "manager": 5,
@@ -25,6 +25,7 @@ LAYER = {
 ALLOWED_SAME_LAYER = {("config", "retention"), ("config", "schedule"), ("dcp_io", "storage"),
                       ("planner", "_torch_compat"), ("staging", "_torch_compat"),
                       ("safe_metadata", "codec"),
+                      ("state", "values"), ("values", "_torch_compat"),
                       ("lease", "storage"), ("quarantine", "storage"),
                       ("branches", "storage"), ("branches", "quarantine"),
                       ("__main__", "cli")}
