@@ -2,8 +2,8 @@
 
 This is the only module that knows about URL schemes.  A ``Storage`` wraps one
 fsspec filesystem rooted at a URL (a local path, ``file://``, ``s3://``,
-``memory://``, or any registered protocol) and offers the few operations the
-commit protocol needs:
+``memory://``, or a registered subclass of those; others are refused: see
+``_check_can_hold``) and offers the few operations the commit protocol needs:
 
 1. ``open_write(rel)`` streams a file and makes it durable when the block ends
    (flush and fsync of the file on local disks; a completed upload on object
