@@ -41,6 +41,8 @@ MAX_STEP = 10**10 - 1
 """The largest step a checkpoint can have: its folder name holds 10 digits (as in manifest.py)."""
 MAX_PLANNED_STEPS = 1_000_000
 """The most steps ``at_steps`` may list or a plan may hold (each one is a whole checkpoint)."""
+MAX_MTBF_HOURS = 1_000_000
+"""The largest ``mtbf_hours`` (about 114 years; past float range its seconds would overflow)."""
 _EMA_ALPHA = 0.3  # weight of the newest measurement in the moving averages
 _SCALE = {"": 10**9, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 _PIECE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmbt]?)", re.IGNORECASE | re.ASCII)
@@ -53,7 +55,12 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 
 def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
@@ -144,7 +151,8 @@ class Schedule:
     max_overhead: float = 0.01
     """Auto mode: the largest fraction of training time the save stalls may take."""
     mtbf_hours: float | None = None
-    """Auto mode: mean time between failures of the job, in hours."""
+    """Auto mode: mean time between failures of the job, in hours (at most ``MAX_MTBF_HOURS``,
+    a million: about 114 years)."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None:
@@ -161,6 +169,8 @@ class Schedule:
         _check_overhead(self.max_overhead)
         if self.mtbf_hours is not None:
             _check_seconds("mtbf_hours", self.mtbf_hours)
+            if self.mtbf_hours > MAX_MTBF_HOURS:
+                raise ConfigError.field("mtbf_hours", self.mtbf_hours, f"at most {MAX_MTBF_HOURS:,} hours")
 
 
 def _sorted_steps(steps: object) -> tuple[int, ...]:

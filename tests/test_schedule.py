@@ -584,6 +584,11 @@ def test_plan_properties(
         (lambda: Schedule(at_steps=[1, 10**10]), "at_steps=[1, 10000000000] is not valid"),
         (lambda: Schedule(at_steps=range(1, 10**12)), "at_steps has more than 1,000,000 steps"),
         (lambda: Schedule(at_steps=[float("nan")]), "not nan"),
+        (lambda: Schedule(auto=True, mtbf_hours=1e7), "mtbf_hours=10000000.0 is not valid: expected at most "
+                                                      "1,000,000 hours"),
+        (lambda: Schedule(auto=True, mtbf_hours=10**400), "mtbf_hours=1000"),
+        (lambda: Schedule(every_seconds=10**400), "every_seconds=1000"),
+        (lambda: Schedule(max_overhead=-10**400), "max_overhead=-1000"),
         (lambda: Schedule(at_steps=list(range(1, 20)) + [0]), "at_steps='[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... "
                                                              "(20 items)]' is not valid"),
     ],
