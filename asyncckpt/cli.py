@@ -380,14 +380,16 @@ def cmd_releases(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .config import load_yaml_text, plan_request, with_checkpoint_schedule
+    from .config import decode_yaml, load_yaml_text, plan_request, with_checkpoint_schedule
     from .schedule import parse_targets
 
     try:
-        with open(args.config, encoding="utf-8") as f:
-            text = f.read()
+        with open(args.config, "rb") as f:
+            text = decode_yaml(f.read(), args.config)
     except FileNotFoundError as e:
         raise ConfigError(f"config file {args.config!r} not found") from e
+    except OSError as e:
+        raise ConfigError(f"config file {args.config!r} cannot be read: {e.strerror or e}") from e
     request = plan_request(load_yaml_text(text, args.config), args.config)
     if args.min_interval is not None:
         request = replace(request, min_interval=args.min_interval)
@@ -453,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def root_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("root", help="checkpoint root: a local path or any fsspec URL")
+        sp.add_argument("root", help="checkpoint root: a local path, or a URL on local disk, memory or an object store")
         sp.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
         sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -486,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_prune)
     sp = sub.add_parser("export", help="write one checkpoint's model weights (no optimizer) "
                         "to a single file")
-    sp.add_argument("root", help="checkpoint root: a local path or any fsspec URL")
+    sp.add_argument("root", help="checkpoint root: a local path, or a URL on local disk, memory or an object store")
     sp.add_argument("out", metavar="OUT", help="the weights file to write (path or URL)")
     sp.add_argument("--step", type=int, default=None, help="the step to export (default: latest)")
     sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],

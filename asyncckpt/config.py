@@ -36,17 +36,30 @@ import yaml
 
 from .errors import ConfigError
 from .retention import Retention
-from .schedule import DEFAULT_TARGETS, Schedule, plan_checkpoints, size_category
+from .schedule import (DEFAULT_TARGETS, MAX_PLANNED_STEPS, MAX_STEP, Schedule, plan_checkpoints,
+                       size_category)
 
 COMPRESSIONS = ("zstd", None)
 STAGINGS = ("auto", "pinned", "device")
 ON_ERROR = ("raise", "warn")
 ON_ROLLBACK = ("keep", "delete", "refuse")
+MAX_THREADS = 1024
+"""The most ``writer_threads`` and ``upload_concurrency`` (threads are started for them)."""
+MAX_WAIT_S = 30 * 24 * 3600
+"""The longest ``lease_heartbeat_s``, ``lease_timeout_s`` and ``signal_grace_s`` (30 days):
+longer waits are not a sane setting, and past about 292 years Python's waits overflow."""
 
 
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError.field(name, value, f"an integer >= {low}")
+def _seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_WAIT_S:
+        raise ConfigError.field(name, value, f"a number of seconds > 0 and <= {MAX_WAIT_S} (30 days)")
+
+
+def _int_at_least(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low \
+            or (high is not None and value > high):
+        raise ConfigError.field(name, value, f"an integer >= {low}" if high is None
+                                else f"an integer in [{low}, {high}]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +89,7 @@ class ManagerOptions:
     max_pending: int = 2
     """Saves staged but not yet committed before ``save()`` waits for the writer."""
     writer_threads: int = 2
-    """Files written (and compressed) in parallel per rank."""
+    """Files written (and compressed) in parallel per rank (at most ``MAX_THREADS``, 1024)."""
     verify_on_restore: bool = True
     """Check every file's checksum while restoring."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
@@ -88,17 +101,18 @@ class ManagerOptions:
     backup_retention: Retention | None = None
     """Retention on the backup; None uses ``retention``."""
     upload_part_bytes: int = 16 << 20
-    """Object stores (S3): size of each part of a multipart upload, >= 5 MiB; a file is at
+    """Object stores (S3): size of each part of a multipart upload, 5 MiB to 5 GiB; a file is at
     most 10,000 parts, and each file being written holds about
     ``(upload_concurrency + 1) * upload_part_bytes`` of memory."""
     upload_concurrency: int = 4
-    """Object stores (S3): parts of one file uploading at once."""
+    """Object stores (S3): parts of one file uploading at once (at most 1024)."""
     save_on_signal: bool = False
     """Install SIGTERM/SIGINT handlers (main thread only): after a signal the next
     ``maybe_save`` saves at once, waits for the commit and sets ``should_stop``; a
     second signal exits at once with status 128 + signum (see ``signals.py``)."""
     signal_grace_s: float = 30.0
-    """With ``save_on_signal``: the longest ``maybe_save`` waits for the final save to commit."""
+    """With ``save_on_signal``: the longest ``maybe_save`` waits for the final save to commit
+    (at most ``MAX_WAIT_S``, 30 days, as for the lease's times)."""
     initial_from: str | None = None
     """Fine-tuning start: a checkpoint folder, another run's root (its newest checkpoint), a
     plain DCP folder or a release folder that ``restore()`` loads (``initial_include`` only)
@@ -116,9 +130,10 @@ class ManagerOptions:
     fails at once with ``LeaseError`` naming the first.  False: take no lease (a reader; if
     another writer holds the root, this manager only lists and restores)."""
     lease_heartbeat_s: float = 10.0
-    """Seconds between refreshes of the lease."""
+    """Seconds between refreshes of the lease (at most ``MAX_WAIT_S``, 30 days)."""
     lease_timeout_s: float = 60.0
-    """A lease not refreshed for this long is stale: another manager may take it over."""
+    """A lease not refreshed for this long is stale: another manager may take it over (more than
+    ``lease_heartbeat_s``, at most ``MAX_WAIT_S``, 30 days)."""
     on_rollback: str = "keep"
     """What the first save after restoring an older checkpoint than the root's newest does with
     the newer ones (the abandoned branch; see docs/rollback.md): ``"keep"`` moves them to
@@ -139,9 +154,9 @@ class ManagerOptions:
         if self.pinned_memory_budget is not None:
             _int_at_least("pinned_memory_budget", self.pinned_memory_budget, 1)
         _int_at_least("max_pending", self.max_pending, 1)
-        _int_at_least("writer_threads", self.writer_threads, 1)
-        _int_at_least("upload_part_bytes", self.upload_part_bytes, 5 << 20)
-        _int_at_least("upload_concurrency", self.upload_concurrency, 1)
+        _int_at_least("writer_threads", self.writer_threads, 1, MAX_THREADS)
+        _int_at_least("upload_part_bytes", self.upload_part_bytes, 5 << 20, 5 << 30)  # S3's limits
+        _int_at_least("upload_concurrency", self.upload_concurrency, 1, MAX_THREADS)
         if self.retention is not None and not isinstance(self.retention, Retention):
             raise ConfigError.field("retention", self.retention, "a Retention or None")
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
@@ -153,9 +168,7 @@ class ManagerOptions:
             raise ConfigError.field("backup", self.backup, "a storage URL or None")
         if not isinstance(self.save_on_signal, bool):
             raise ConfigError.field("save_on_signal", self.save_on_signal, "True or False")
-        if isinstance(self.signal_grace_s, bool) or not isinstance(self.signal_grace_s, (int, float)) \
-                or not 0 < self.signal_grace_s < float("inf"):
-            raise ConfigError.field("signal_grace_s", self.signal_grace_s, "a finite number of seconds > 0")
+        _seconds("signal_grace_s", self.signal_grace_s)
         if self.initial_from is not None and (not isinstance(self.initial_from, (str, PathLike))
                                               or not str(self.initial_from)):
             raise ConfigError.field("initial_from", self.initial_from, "a storage URL or path, or None")
@@ -166,9 +179,7 @@ class ManagerOptions:
         if not isinstance(self.lease, bool):
             raise ConfigError.field("lease", self.lease, "True or False")
         for name in ("lease_heartbeat_s", "lease_timeout_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-                raise ConfigError.field(name, v, "a finite number of seconds > 0")
+            _seconds(name, getattr(self, name))
         if self.lease_timeout_s <= self.lease_heartbeat_s:
             raise ConfigError.field("lease_timeout_s", self.lease_timeout_s,
                                     f"more than lease_heartbeat_s={self.lease_heartbeat_s!r}")
@@ -196,10 +207,22 @@ TRAINING_KEYS = ("total_steps", "epochs", "steps_per_epoch", "dataset_tokens", "
 _NESTED = {"retention": Retention, "backup_retention": Retention, "schedule": Schedule}
 
 
+def decode_yaml(data: bytes, source: str) -> str:
+    """The text of a YAML file's bytes (UTF-8, a BOM allowed); ``source`` names it in errors."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{source} is not valid: not UTF-8 text (byte {data[e.start:e.start + 1]!r} "
+                          f"at offset {e.start}, line {line}); save it as UTF-8") from e
+
+
 def load_yaml_text(text: str, source: str) -> dict[str, Any]:
     """The mapping in YAML ``text`` (``yaml.safe_load``); ``source`` names it in errors."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError as e:
+        raise ConfigError(f"{source} is not valid YAML: nested too deeply") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -230,11 +253,14 @@ def _check_keys(where: str, given: Mapping[str, Any], known: Sequence[str], *, s
         raise ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(known)}")
 
 
-def _whole(where: str, value: Any, low: int) -> int:
+def _whole(where: str, value: Any, low: int, high: int | None = None) -> int:
+    given = value
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError.field(where, value, f"an integer >= {low}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low \
+            or (high is not None and value > high):
+        raise ConfigError.field(where, given, f"an integer >= {low}" if high is None
+                                else f"an integer in [{low}, {high}]")
     return value
 
 
@@ -283,22 +309,27 @@ def plan_request(config: Mapping[str, Any], source: str = "config") -> PlanReque
     _check_keys(f"{source}: training", training, TRAINING_KEYS, strict=False)
     where = f"{source}: training."
     get = {k: training[k] for k in TRAINING_KEYS if training.get(k) is not None}
-    total = _whole(where + "total_steps", get["total_steps"], 1) if "total_steps" in get else None
-    epochs = _whole(where + "epochs", get["epochs"], 1) if "epochs" in get else None
-    per_epoch = _whole(where + "steps_per_epoch", get["steps_per_epoch"], 1) if "steps_per_epoch" in get else None
+    total = _whole(where + "total_steps", get["total_steps"], 1, MAX_STEP) if "total_steps" in get else None
+    epochs = _whole(where + "epochs", get["epochs"], 1, MAX_PLANNED_STEPS) if "epochs" in get else None
+    per_epoch = _whole(where + "steps_per_epoch", get["steps_per_epoch"], 1, MAX_STEP) \
+        if "steps_per_epoch" in get else None
     if total is None and (epochs is None or per_epoch is None):
         raise ConfigError(f"{where}total_steps is missing (or give both training.epochs and "
                           "training.steps_per_epoch)")
     if total is None:
-        total = epochs * per_epoch
+        total = _whole(f"{where}total_steps (epochs x steps_per_epoch)", epochs * per_epoch, 1, MAX_STEP)
     elif per_epoch is None:
         per_epoch = max(1, total // epochs) if epochs else total
     elif epochs is not None and epochs * per_epoch != total:
         raise ConfigError(f"{where}total_steps={total} disagrees with epochs={epochs} x "
                           f"steps_per_epoch={per_epoch}")
+    if total // per_epoch > MAX_PLANNED_STEPS:  # every epoch end is a planned step
+        raise ConfigError.field(where + "steps_per_epoch", per_epoch, f"at least total_steps / "
+                                f"{MAX_PLANNED_STEPS:,} (every epoch end is saved; at most "
+                                f"{MAX_PLANNED_STEPS:,} planned steps)")
     return PlanRequest(
         total_steps=total, steps_per_epoch=per_epoch,
-        target=_whole(where + "target_checkpoints", get["target_checkpoints"], 0)
+        target=_whole(where + "target_checkpoints", get["target_checkpoints"], 0, MAX_PLANNED_STEPS)
         if "target_checkpoints" in get else None,
         dataset_tokens=_whole(where + "dataset_tokens", get["dataset_tokens"], 0)
         if "dataset_tokens" in get else None,
@@ -319,8 +350,10 @@ def options_from_dict(config: Mapping[str, Any], source: str = "config",
     known = ["root", *(f.name for f in fields(ManagerOptions))]
     _check_keys(f"{source}: checkpoint", section, known, strict=True)
     root = section.pop("root", None)
-    if not isinstance(root, str) or not root:
+    if root is None or root == "":
         raise ConfigError(f"{source}: checkpoint.root is missing: expected the checkpoint URL or path")
+    if not isinstance(root, str):
+        raise ConfigError.field(f"{source}: checkpoint.root", root, "the checkpoint URL or path (text)")
     for name, cls in _NESTED.items():
         if isinstance(section.get(name), Mapping):
             section[name] = _build(cls, section[name], f"{source}: checkpoint.{name}")

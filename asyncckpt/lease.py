@@ -132,20 +132,14 @@ class Holder:
     def from_json(cls, data: bytes, source: str) -> "Holder":
         try:
             raw = parse_json(data, source)
-            return cls(owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
-                       started=float(raw["started"]), heartbeat=float(raw["heartbeat"]),
-                       timeout_s=float(raw["timeout_s"]), boot_id=str(raw.get("boot_id", "")),
-                       pid_ns=str(raw.get("pid_ns", "")),
-                       pid_start_ticks=int(raw.get("pid_start_ticks", 0)))._checked()
+            return _in_range(cls(owner=str(raw["owner"]), host=str(raw["host"]), pid=int(raw["pid"]),
+                                 started=float(raw["started"]), heartbeat=float(raw["heartbeat"]),
+                                 timeout_s=float(raw["timeout_s"]), boot_id=str(raw.get("boot_id", "")),
+                                 pid_ns=str(raw.get("pid_ns", "")),
+                                 pid_start_ticks=int(raw.get("pid_start_ticks", 0))))
         except (CorruptCheckpointError, ValueError, TypeError, KeyError, OverflowError) as e:
             raise LeaseError(f"{source} is not a readable lease ({type(e).__name__}: {e}); if no job "
                              "writes to this root, delete it") from e
-
-    def _checked(self) -> "Holder":
-        if not all(math.isfinite(t) for t in (self.started, self.heartbeat, self.timeout_s)):
-            raise ValueError(f"non-finite times (started={self.started}, heartbeat={self.heartbeat}, "
-                             f"timeout_s={self.timeout_s})")
-        return self
 
     def describe(self, now: float | None = None) -> str:
         """``host pid 123 since 2024-...Z (last heartbeat 3s ago)``."""
@@ -153,6 +147,22 @@ class Holder:
         age = (time.time() if now is None else now) - self.heartbeat
         return (f"host {self.host} pid {self.pid} since {since.isoformat(timespec='seconds')}"
                 f" (last heartbeat {age:.0f}s ago)").replace("+00:00", "Z")
+
+
+def _in_range(holder: Holder) -> Holder:
+    """``holder``, once its numbers are ones a writer can have written: a nan or infinite time
+    would never go stale, a pid past the OS's range would make ``os.kill`` overflow."""
+    for name in ("started", "heartbeat", "timeout_s"):
+        if not math.isfinite(getattr(holder, name)) or abs(getattr(holder, name)) > _MAX_TIME_S:
+            raise ValueError(f"{name}={getattr(holder, name)!r} is not a time")
+    if holder.timeout_s <= 0 or not 0 < holder.pid < 2**31 or not 0 <= holder.pid_start_ticks < 2**63:
+        raise ValueError(f"timeout_s={holder.timeout_s!r}, pid={holder.pid!r} or "
+                         f"pid_start_ticks={holder.pid_start_ticks!r} is out of range")
+    return holder
+
+
+_MAX_TIME_S = 10**11
+"""The largest time (seconds) a lease file may hold: year 5138, within ``datetime``'s range."""
 
 
 def process_start(pid: int) -> int | None:

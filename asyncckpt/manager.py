@@ -25,7 +25,7 @@ import torch
 
 from . import _dist, branches, restore as _restore
 from .codec import CodecOptions
-from .config import ManagerOptions, load_yaml_text, options_from_dict
+from .config import ManagerOptions, decode_yaml, load_yaml_text, options_from_dict
 from .errors import (
     AsyncCkptError,
     CheckpointExistsError,
@@ -87,11 +87,15 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
         raise ConfigError.field("metrics", metrics, "a dict of name -> number")
     out = {}
     for k, v in metrics.items():
-        if hasattr(v, "item") and callable(v.item):
-            v = v.item()
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"metrics[{k!r}]={v!r} is not valid: expected a str name and a number")
-        out[k] = float(v)
+        try:
+            if hasattr(v, "item") and callable(v.item):
+                v = v.item()  # a one-element tensor or numpy scalar
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError
+            out[k] = float(v)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ConfigError(f"metrics[{k!r}]={v!r} is not valid: expected a str name and a number "
+                              "(one element, within float range)") from e
     return out
 
 
@@ -199,8 +203,8 @@ class CheckpointManager:
             data, source = config, "config"
         else:
             source = os.fspath(config)
-            with open(source, encoding="utf-8") as f:
-                data = load_yaml_text(f.read(), source)
+            with open(source, "rb") as f:  # a missing file stays a FileNotFoundError
+                data = load_yaml_text(decode_yaml(f.read(), source), source)
         root, options = options_from_dict(data, source, overrides)
         return cls(root, **{f.name: getattr(options, f.name) for f in fields(options)})
 

@@ -92,7 +92,10 @@ def metric_value(item: RetentionItem, metric: str) -> float | None:
     value = item.metrics.get(metric) if item.metrics is not None else None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range: not a value to rank by
+        return None
     return value if math.isfinite(value) else None
 
 

@@ -21,6 +21,7 @@ length), Young-Daly intervals, and parameter-count milestones ("100M,1B").
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import re
 from bisect import bisect_left
@@ -36,6 +37,12 @@ SIZE_CATEGORIES: tuple[str, ...] = ("small", "medium", "large", "xlarge")
 DEFAULT_TARGETS: Mapping[str, int] = MappingProxyType(
     {"small": 20, "medium": 50, "large": 100, "xlarge": 200}
 )
+MAX_STEP = 10**10 - 1
+"""The largest step a checkpoint can have: its folder name holds 10 digits (as in manifest.py)."""
+MAX_PLANNED_STEPS = 1_000_000
+"""The most steps ``at_steps`` may list or a plan may hold (each one is a whole checkpoint)."""
+MAX_MTBF_HOURS = 1_000_000
+"""The largest ``mtbf_hours`` (about 114 years; past float range its seconds would overflow)."""
 _EMA_ALPHA = 0.3  # weight of the newest measurement in the moving averages
 _SCALE = {"": 10**9, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 _PIECE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmbt]?)", re.IGNORECASE | re.ASCII)
@@ -48,12 +55,18 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 
 def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ConfigError.field(name, value, f"an int >= {minimum}")
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError.field(name, value, f"an int {bound}")
 
 
 def _check_seconds(name: str, value: object, *, allow_zero: bool = False) -> None:
@@ -126,7 +139,8 @@ class Schedule:
     every_seconds: float | None = None
     """Save once this many seconds passed since the last save (or the first ``decide`` call)."""
     at_steps: Sequence[int] | None = None
-    """Save at exactly these steps (ints >= 1); stored as a sorted tuple of unique steps."""
+    """Save at exactly these steps (ints from 1 to ``MAX_STEP``, at most ``MAX_PLANNED_STEPS`` of
+    them); stored as a sorted tuple of unique steps."""
     on_epoch_end: bool = False
     """Save when the caller says the step ends an epoch."""
     param_milestones: str | Sequence[int | str] | None = None
@@ -137,7 +151,8 @@ class Schedule:
     max_overhead: float = 0.01
     """Auto mode: the largest fraction of training time the save stalls may take."""
     mtbf_hours: float | None = None
-    """Auto mode: mean time between failures of the job, in hours."""
+    """Auto mode: mean time between failures of the job, in hours (at most ``MAX_MTBF_HOURS``,
+    a million: about 114 years)."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None:
@@ -154,16 +169,28 @@ class Schedule:
         _check_overhead(self.max_overhead)
         if self.mtbf_hours is not None:
             _check_seconds("mtbf_hours", self.mtbf_hours)
+            if self.mtbf_hours > MAX_MTBF_HOURS:
+                raise ConfigError.field("mtbf_hours", self.mtbf_hours, f"at most {MAX_MTBF_HOURS:,} hours")
 
 
 def _sorted_steps(steps: object) -> tuple[int, ...]:
+    expected = f"a sequence of at most {MAX_PLANNED_STEPS:,} ints in [1, {MAX_STEP}]"
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
-        raise ConfigError.field("at_steps", steps, "a sequence of ints >= 1")
-    items = list(steps)
+        raise ConfigError.field("at_steps", steps, expected)
+    items = list(itertools.islice(steps, MAX_PLANNED_STEPS + 1))  # a huge range is never built
+    if len(items) > MAX_PLANNED_STEPS:
+        raise ConfigError(f"at_steps has more than {MAX_PLANNED_STEPS:,} steps: expected {expected}")
     for item in items:
-        if not _is_int(item) or item < 1:
-            raise ConfigError.field("at_steps", steps, f"a sequence of ints >= 1, not {item!r}")
+        if not _is_int(item) or not 1 <= item <= MAX_STEP:
+            raise ConfigError.field("at_steps", _short(steps), f"{expected}, not {item!r}")
     return tuple(sorted(set(items)))
+
+
+def _short(steps: object) -> object:
+    """``steps`` for a message: a long list shows its first items only."""
+    if isinstance(steps, Sequence) and len(steps) > 10:
+        return f"[{', '.join(map(repr, steps[:10]))}, ... ({len(steps)} items)]"
+    return steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,8 +410,8 @@ def parse_targets(text: str) -> dict[str, int]:
 def _merged_targets(targets: Mapping[str, int] | str | None) -> dict[str, int]:
     given = parse_targets(targets) if isinstance(targets, str) else dict(targets or {})
     for name, count in given.items():
-        if name not in SIZE_CATEGORIES or not _is_int(count) or count < 0:
-            expected = f"a mapping from {'/'.join(SIZE_CATEGORIES)} to ints >= 0"
+        if name not in SIZE_CATEGORIES or not _is_int(count) or not 0 <= count <= MAX_PLANNED_STEPS:
+            expected = f"a mapping from {'/'.join(SIZE_CATEGORIES)} to ints in [0, {MAX_PLANNED_STEPS}]"
             raise ConfigError.field("targets", targets, expected)
     return {**DEFAULT_TARGETS, **given}
 
@@ -413,13 +440,17 @@ def plan_checkpoints(
     ``DEFAULT_TARGETS``) for ``size_category(dataset_tokens)`` if
     ``dataset_tokens`` is given, else the number of forced steps.
     """
-    _check_int("total_steps", total_steps, 1)
+    _check_int("total_steps", total_steps, 1, MAX_STEP)
     _check_int("steps_per_epoch", steps_per_epoch, 1)
+    if total_steps // steps_per_epoch > MAX_PLANNED_STEPS:  # each epoch end is saved
+        raise ConfigError.field("steps_per_epoch", steps_per_epoch, f"at least total_steps / "
+                                f"{MAX_PLANNED_STEPS:,} = {-(-total_steps // MAX_PLANNED_STEPS)} (every "
+                                f"epoch end is a planned step, at most {MAX_PLANNED_STEPS:,} of them)")
     _check_int("min_interval", min_interval, 1)
     chosen = _forced_steps(total_steps, steps_per_epoch, log_steps_first_epoch)
     merged = _merged_targets(targets)
     if target is not None:
-        _check_int("target", target, 0)
+        _check_int("target", target, 0, MAX_PLANNED_STEPS)
         goal = target
     elif dataset_tokens is not None:
         goal = merged[size_category(dataset_tokens)]

@@ -2,8 +2,8 @@
 
 This is the only module that knows about URL schemes.  A ``Storage`` wraps one
 fsspec filesystem rooted at a URL (a local path, ``file://``, ``s3://``,
-``memory://``, or any registered protocol) and offers the few operations the
-commit protocol needs:
+``memory://``, or a registered subclass of those; others are refused: see
+``_check_can_hold``) and offers the few operations the commit protocol needs:
 
 1. ``open_write(rel)`` streams a file and makes it durable when the block ends
    (flush and fsync of the file on local disks; a completed upload on object
@@ -148,12 +148,15 @@ class Storage:
         self.retry = retry or Retry()
         self.upload = upload or Upload()
         self._credentials = credentials_in(storage_options)
+        for part in url.split("::"):  # before connecting: http, ftp, zip, github... never can
+            _check_can_hold(part, self.url)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        except (ValueError, ImportError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - a bad option, a missing package, no connection
             err = self.error_for("open", "", e)
             raise err from (None if isinstance(err.cause, str) else e)
         self.fs, root = _unwrap(self.fs, root, self.url)
+        _check_can_hold(self.fs, self.url)
         self.root = root.rstrip("/") or root
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols or "local" in protocols
@@ -475,6 +478,41 @@ class Storage:
             if isinstance(e, PermissionError) and not self.fs.isdir(path):
                 raise
             return False  # a folder (macOS says EPERM): its files went one by one
+
+
+SUPPORTED_ROOTS = "a local path or file://, memory://, or an object store (s3://; gs://, az:// too)"
+"""What ``StorageError`` says a root may be when its filesystem cannot hold checkpoints."""
+_OBJECT_STORES = (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem"), ("adlfs", "AzureBlobFileSystem"))
+
+
+def _check_can_hold(fs: Any, url: str) -> None:
+    """Refuse a filesystem (an instance, a class, or one ``proto://...`` of a ``::`` chain) that
+    cannot hold checkpoints: it must be the local disk, memory or an object store (subclasses
+    too, e.g. a test's fault-injecting local disk).  Read-only ones (``http``, ``zip``,
+    ``github``...) and those without fsync or an atomic create-only put (``ftp``...) are not.
+    ``dir::`` and caching wrappers are left to ``_unwrap``."""
+    import sys
+
+    from fsspec.implementations.cached import CachingFileSystem
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    if isinstance(fs, str):
+        proto = fsspec.core.split_protocol(fs)[0] or "file"
+        try:
+            fs = fsspec.get_filesystem_class(proto)
+        except (ValueError, ImportError) as e:
+            raise StorageError("open", url, f"{type(e).__name__}: {e}; a checkpoint root is "
+                               f"{SUPPORTED_ROOTS}") from e
+    cls = fs if isinstance(fs, type) else type(fs)
+    stores = tuple(getattr(sys.modules.get(m), c, None) for m, c in _OBJECT_STORES)
+    good = (LocalFileSystem, MemoryFileSystem, DirFileSystem, CachingFileSystem,
+            *(s for s in stores if isinstance(s, type)))
+    if not issubclass(cls, good):
+        name = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
+        raise StorageError("open", url, f"{name}:// ({cls.__name__}) cannot hold checkpoints (read-only, "
+                           f"or no durable atomic writes); a checkpoint root is {SUPPORTED_ROOTS}")
 
 
 def _unwrap(fs: Any, root: str, url: str) -> tuple[Any, str]:

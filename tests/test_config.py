@@ -280,3 +280,124 @@ def test_with_checkpoint_schedule_wraps_long_plans() -> None:
 def test_with_checkpoint_schedule_rejects_bad_yaml() -> None:
     with pytest.raises(ConfigError, match="x.yaml is not valid YAML"):
         with_checkpoint_schedule("training: [", [1], "x.yaml")
+
+
+# ---------------------------------------------------------------- hostile and odd inputs
+
+def test_a_yaml_file_that_is_not_utf8_names_the_file_and_the_byte() -> None:
+    from asyncckpt.config import decode_yaml
+
+    data = "training:\n  total_steps: 10  # café\n".encode("latin-1")
+    with pytest.raises(ConfigError) as info:
+        decode_yaml(data, "x.yaml")
+    assert "x.yaml is not valid: not UTF-8 text (byte b'\\xe9' at offset 34, line 2)" in str(info.value)
+    assert decode_yaml("\ufeffa: 1\n".encode(), "x.yaml") == "a: 1\n"   # a BOM is fine
+
+
+def test_yaml_nested_too_deeply_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="x.yaml is not valid YAML: nested too deeply"):
+        load_yaml_text("[" * 5000 + "]" * 5000, "x.yaml")
+
+
+@pytest.mark.parametrize("root", [5, 1.5, True, [1], {"a": 1}, 10**30, math.nan])
+def test_a_root_that_is_not_text_is_named_not_called_missing(root: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        options_from_dict({"checkpoint": {"root": root}}, "x.yaml")
+    text = str(info.value)
+    assert f"x.yaml: checkpoint.root={root!r} is not valid" in text and "missing" not in text
+
+
+HUGE = 10**30
+BAD_SECONDS = [0, -1, math.nan, math.inf, HUGE, 1e10, 30 * 24 * 3600 + 1, "10", True, None, [1]]
+
+
+@pytest.mark.parametrize("name", ["lease_heartbeat_s", "lease_timeout_s", "signal_grace_s"])
+@pytest.mark.parametrize("value", BAD_SECONDS)
+def test_wait_options_out_of_range_are_config_errors(name: str, value: object) -> None:
+    other = {"lease_timeout_s": 10**9} if name == "lease_heartbeat_s" else {}
+    with pytest.raises(ConfigError) as info:
+        ManagerOptions(**{name: value, **other})
+    assert f"{name}={value!r} is not valid" in str(info.value)
+    with pytest.raises(ConfigError) as info:                    # and from YAML, naming the file
+        options_from_dict({"checkpoint": {"root": "r", name: value}}, "x.yaml")
+    assert str(info.value).startswith(f"x.yaml: checkpoint: {name}={value!r} is not valid")
+
+
+def test_the_longest_wait_is_accepted() -> None:
+    from asyncckpt.config import MAX_WAIT_S
+
+    opts = ManagerOptions(lease_heartbeat_s=MAX_WAIT_S - 1, lease_timeout_s=MAX_WAIT_S, signal_grace_s=MAX_WAIT_S)
+    assert opts.lease_timeout_s == MAX_WAIT_S == 30 * 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("writer_threads", HUGE), ("writer_threads", 1025), ("upload_concurrency", HUGE),
+     ("upload_part_bytes", HUGE), ("upload_part_bytes", (5 << 30) + 1), ("max_pending", 2.0),
+     ("zstd_level", HUGE), ("pinned_memory_budget", math.inf), ("writer_threads", None)],
+)
+def test_int_options_out_of_range_are_config_errors(name: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        ManagerOptions(**{name: value})
+    assert str(info.value).startswith(f"{name}={value!r} is not valid")
+
+
+@pytest.mark.parametrize(
+    ("training", "quoted"),
+    [
+        ({"total_steps": 10**10}, "x.yaml: training.total_steps=10000000000 is not valid: expected an "
+                                  "integer in [1, 9999999999]"),
+        ({"total_steps": 1e300}, "training.total_steps=1e+300 is not valid"),
+        ({"total_steps": math.nan}, "training.total_steps=nan is not valid"),
+        ({"total_steps": math.inf}, "training.total_steps=inf is not valid"),
+        ({"epochs": 10**7, "steps_per_epoch": 10}, "training.epochs=10000000 is not valid"),
+        ({"epochs": 10**6, "steps_per_epoch": 10**5},
+         "training.total_steps (epochs x steps_per_epoch)=100000000000 is not valid"),
+        ({"total_steps": 10**8, "steps_per_epoch": 10},
+         "x.yaml: training.steps_per_epoch=10 is not valid: expected at least total_steps / 1,000,000"),
+        ({"total_steps": 1000, "target_checkpoints": 10**7},
+         "training.target_checkpoints=10000000 is not valid: expected an integer in [0, 1000000]"),
+        ({"total_steps": 1000, "target_checkpoints": HUGE}, "training.target_checkpoints="),
+        ({"total_steps": 1000, "dataset_tokens": math.inf}, "training.dataset_tokens=inf"),
+        ({"total_steps": 1000, "min_checkpoint_interval": math.nan}, "training.min_checkpoint_interval=nan"),
+        ({"total_steps": 1000, "log_steps_first_epoch": "no"}, "training.log_steps_first_epoch='no'"),
+    ],
+)
+def test_plan_requests_out_of_range_are_config_errors(training: dict, quoted: str) -> None:
+    config = {"training": {**training, "auto_generate_checkpoints": True}, "checkpoint": {"root": "r"}}
+    for call in (lambda: plan_request(config, "x.yaml").plan(), lambda: options_from_dict(config, "x.yaml")):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert quoted in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("steps", "quoted"),
+    [([1, 10**10], "x.yaml: training.checkpoint_schedule: at_steps=[1, 10000000000] is not valid"),
+     ([1, HUGE], "not 1000000000000000000000000000000"),
+     ([1, math.nan], "not nan"),
+     (list(range(1, 1_000_002)), "at_steps has more than 1,000,000 steps")],
+)
+def test_planned_steps_past_the_bounds_are_config_errors(steps: list, quoted: str) -> None:
+    config = {"training": {"checkpoint_schedule": steps}, "checkpoint": {"root": "r"}}
+    with pytest.raises(ConfigError) as info:
+        options_from_dict(config, "x.yaml")
+    assert "x.yaml: training.checkpoint_schedule" in str(info.value) and quoted in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("retention", "quoted"),
+    [({"best_metric": 5}, "best_metric=5"), ({"best_metric": [None]}, "best_metric=[None]"),
+     ({"best_metric": ["a", "a"]}, "best_metric=['a', 'a']"), ({"best_metric": ""}, "best_metric=''"),
+     ({"best_metric": "a", "best_mode": "best"}, "best_mode='best'"),
+     ({"best_metric": "a", "best_mode": {"a": math.nan}}, "best_mode={'a': nan}"),
+     ({"best_metric": "a", "best_mode": {"b": "min"}}, "best_mode={'b': 'min'}"),
+     ({"best_metric": "a", "best_mode": ["min"]}, "best_mode=['min']"),
+     ({"keep_best": math.inf, "best_metric": "a"}, "keep_best=inf"),
+     ({"keep_best": 1}, "best_metric=None"), ({"keep_last": math.nan}, "keep_last=nan"),
+     ({"keep_tags": [5]}, "keep_tags=[5]")],
+)
+def test_bad_metric_options_from_yaml_are_config_errors(retention: dict, quoted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        options_from_dict({"checkpoint": {"root": "r", "retention": retention}}, "x.yaml")
+    assert str(info.value).startswith("x.yaml: checkpoint.retention: ") and quoted in str(info.value)

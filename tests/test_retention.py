@@ -458,3 +458,13 @@ def test_pruning_after_every_save_keeps_exactly_what_the_policy_says(policy: Ret
         assert set(plan.keep) == reference_keep(policy, alive)
         alive = [c for c in alive if c.step not in set(plan.delete)]
     assert {c.step for c in alive} == reference_keep(policy, ckpts)
+
+
+@pytest.mark.parametrize("value", [10**400, -10**400, NAN, INF, -INF, "0.1", None, True])
+def test_a_metric_value_that_is_not_a_finite_float_never_ranks(value) -> None:
+    # a value past float's range once raised OverflowError from inside the plan
+    policy = Retention(keep_last=1, keep_best=1, best_metric="loss")
+    plan = policy.plan([Item(step=1, metrics={"loss": 0.5}), Item(step=2, metrics={"loss": value}),
+                        Item(step=3, metrics={"loss": value}), Item(step=4, metrics={"loss": value})])
+    assert plan.best == {"loss": (1,)} and plan.delete == (2,)
+    assert plan.missing_metric == ((2, "loss"), (3, "loss"), (4, "loss"))

@@ -369,3 +369,29 @@ def _check_after_crash(root: Path, kill_at: int) -> None:
             state = _state(0)
             assert mgr.restore(state, step) == step
             assert _params(state.models["model"]) == float(step)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "quoted"),
+    [({"loss": 10**400}, "metrics['loss']=1000"), ({"loss": torch.tensor([1.0, 2.0])}, "metrics['loss']=tensor"),
+     ({"loss": "low"}, "metrics['loss']='low'"), ({"loss": None}, "metrics['loss']=None"),
+     ({"loss": True}, "metrics['loss']=True"), ({5: 1.0}, "metrics[5]=1.0"), ({"loss": [1.0]}, "metrics['loss']=[1.0]")],
+)
+def test_a_metric_that_is_not_one_number_is_a_config_error_and_nothing_is_saved(tmp_path, metrics, quoted):
+    retention = Retention(keep_last=1, keep_best=1, best_metric="loss")
+    with CheckpointManager(tmp_path / "ckpt", retention=retention) as mgr:
+        with pytest.raises(ConfigError) as info:
+            mgr.save(1, _state(), metrics=metrics, blocking=True)
+        assert str(info.value).startswith(quoted) and "is not valid: expected a str name and a number" in str(info.value)
+        assert mgr.list() == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_metric_is_kept_but_never_ranks(tmp_path, value):
+    retention = Retention(keep_last=1, keep_best=1, best_metric="loss")
+    with CheckpointManager(tmp_path / "ckpt", retention=retention) as mgr:
+        _save(mgr, 1, metrics={"loss": 0.5}, blocking=True)
+        for step in (2, 3, 4):
+            _save(mgr, step, metrics={"loss": value}, blocking=True)
+        mgr.wait()
+        assert [i.step for i in mgr.list()] == [1, 3, 4]        # the best finite one, and the newest two

@@ -563,3 +563,45 @@ def test_plan_properties(
     else:
         assert len(plan) == want
     assert plan_checkpoints(total, per_epoch, **kwargs) == plan
+
+
+# -- bounds: steps fit a checkpoint folder's 10 digits, plans stay at most a million steps ------
+
+@pytest.mark.parametrize(
+    ("call", "quoted"),
+    [
+        (lambda: plan_checkpoints(10**10, 10**10), "total_steps=10000000000 is not valid: expected an int in "
+                                                  "[1, 9999999999]"),
+        (lambda: plan_checkpoints(10**30, 10), "total_steps=1000000000000000000000000000000"),
+        (lambda: plan_checkpoints(10**9, 10), "steps_per_epoch=10 is not valid: expected at least "
+                                              "total_steps / 1,000,000 = 1000"),
+        (lambda: plan_checkpoints(1000, 1000, target=10**7), "target=10000000 is not valid: expected an int "
+                                                             "in [0, 1000000]"),
+        (lambda: plan_checkpoints(1000, 1000, dataset_tokens=1, targets={"small": 10**30}),
+         "targets={'small': 1000000000000000000000000000000} is not valid"),
+        (lambda: plan_checkpoints(1000, 1000, dataset_tokens=1, targets="small:99999999999"),
+         "targets='small:99999999999' is not valid"),
+        (lambda: Schedule(at_steps=[1, 10**10]), "at_steps=[1, 10000000000] is not valid"),
+        (lambda: Schedule(at_steps=range(1, 10**12)), "at_steps has more than 1,000,000 steps"),
+        (lambda: Schedule(at_steps=[float("nan")]), "not nan"),
+        (lambda: Schedule(auto=True, mtbf_hours=1e7), "mtbf_hours=10000000.0 is not valid: expected at most "
+                                                      "1,000,000 hours"),
+        (lambda: Schedule(auto=True, mtbf_hours=10**400), "mtbf_hours=1000"),
+        (lambda: Schedule(every_seconds=10**400), "every_seconds=1000"),
+        (lambda: Schedule(max_overhead=-10**400), "max_overhead=-1000"),
+        (lambda: Schedule(at_steps=list(range(1, 20)) + [0]), "at_steps='[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... "
+                                                             "(20 items)]' is not valid"),
+    ],
+)
+def test_steps_and_plans_past_the_bounds_are_config_errors(call, quoted) -> None:
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert quoted in str(info.value)
+
+
+def test_the_largest_step_and_plan_are_accepted() -> None:
+    from asyncckpt.schedule import MAX_PLANNED_STEPS, MAX_STEP
+
+    assert Schedule(at_steps=[MAX_STEP]).at_steps == (MAX_STEP,)
+    assert plan_checkpoints(MAX_STEP, MAX_STEP, log_steps_first_epoch=False) == [MAX_STEP]
+    assert len(plan_checkpoints(MAX_PLANNED_STEPS, 1, log_steps_first_epoch=False)) == MAX_PLANNED_STEPS

@@ -104,3 +104,39 @@ def test_schedule_as_a_subprocess(config: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(config), "--targets", "x"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "targets='x' is not valid" in bad.stderr
+
+
+BAD_CONFIGS = {
+    "latin-1": ("training:\n  total_steps: 1000  # café\n".encode("latin-1"),
+                "is not valid: not UTF-8 text (byte b'\\xe9' at offset 36, line 2)"),
+    "huge-total": (b"training:\n  total_steps: 100000000000000000000000000000\n",
+                   "training.total_steps=100000000000000000000000000000 is not valid"),
+    "nan-total": (b"training:\n  total_steps: .nan\n", "training.total_steps=nan is not valid"),
+    "million-epochs": (b"training:\n  epochs: 5000000\n  steps_per_epoch: 10\n", "training.epochs=5000000"),
+    "too-many-epoch-ends": (b"training:\n  total_steps: 100000000\n  steps_per_epoch: 10\n",
+                            "training.steps_per_epoch=10 is not valid"),
+    "huge-target": (b"training:\n  total_steps: 1000\n  target_checkpoints: 1e30\n",
+                    "training.target_checkpoints='1e30' is not valid"),
+    "top-level-list": (b"- 1\n", "is not valid: expected a mapping at the top, found a list"),
+    "too-deep": (b"[" * 5000 + b"]" * 5000, "is not valid YAML: nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_exits_2_with_one_line_naming_file_and_key(tmp_path: Path, case: str) -> None:
+    data, says = BAD_CONFIGS[case]
+    path = tmp_path / "train.yaml"
+    path.write_bytes(data)
+    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith(f"asyncckpt schedule: error: {path}") and says in out.stderr
+    assert path.read_bytes() == data                           # nothing was written
+
+
+def test_a_config_that_is_a_folder_exits_2(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2 and out.stderr.strip() == \
+        f"asyncckpt schedule: error: config file {str(tmp_path)!r} cannot be read: Is a directory"

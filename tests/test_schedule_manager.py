@@ -223,3 +223,21 @@ def test_maybe_save_flags_must_be_booleans(tmp_path: Path, kwargs: dict) -> None
         with pytest.raises(ConfigError, match=f"{name}.*{value!r}.*True or False"):
             mgr.maybe_save(1, _state(), **kwargs)
         assert mgr.list() == []
+
+
+@pytest.mark.parametrize(
+    ("data", "quoted"),
+    [("checkpoint:\n  root: ckpt  # café\n".encode("latin-1"), "is not valid: not UTF-8 text"),
+     (b"checkpoint:\n  root: 5\n", ": checkpoint.root=5 is not valid: expected the checkpoint URL or path"),
+     (b"checkpoint:\n  root: ckpt\n  lease_heartbeat_s: 1.0e+30\n", ": checkpoint: lease_heartbeat_s=1e+30"),
+     (b"checkpoint:\n  root: ckpt\n  writer_threads: 100000000000000000000\n",
+      ": checkpoint: writer_threads=100000000000000000000 is not valid"),
+     (b"checkpoint:\n  root: ckpt\n  retention: {keep_last: 2, keep_best: 1, best_metric: [1]}\n",
+      ": checkpoint.retention: best_metric=[1] is not valid")],
+)
+def test_from_config_names_the_file_key_and_value(tmp_path: Path, data: bytes, quoted: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        CheckpointManager.from_config(path)
+    assert str(info.value).startswith(str(path)) and quoted in str(info.value)

@@ -433,3 +433,20 @@ def test_two_containers_as_pid_1_on_one_host_do_not_share_a_root(tmp_path: Path)
         assert first.say("save 1") == "COMMITTED 1"
         assert first.say("close") == "CLOSED"
     assert not (root / LEASE_NAME).exists()
+
+
+@pytest.mark.parametrize("changes", [
+    {"started": 1e400}, {"started": "nan"}, {"heartbeat": float("nan")}, {"heartbeat": -1e300},
+    {"timeout_s": float("inf")}, {"timeout_s": 0}, {"timeout_s": -5}, {"pid": 10**30}, {"pid": 0},
+    {"pid": 1e30}, {"pid_start_ticks": -1}, {"pid_start_ticks": 10**30},
+])
+def test_a_lease_file_with_impossible_numbers_is_a_lease_error_naming_it(tmp_path: Path, changes: dict) -> None:
+    # such a file once raised OverflowError/ValueError (datetime, os.kill) or never went stale
+    record = {**json.loads(replace(OTHER, heartbeat=time.time()).to_json()), **changes}
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / LEASE_NAME).write_text(json.dumps(record))
+    with pytest.raises(LeaseError) as info:
+        CheckpointManager(root)
+    text = str(info.value)
+    assert f"{root / LEASE_NAME} is not a readable lease (ValueError: " in text and list(changes)[0] in text
