@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import _dist, branches, restore as _restore
+from . import _dist, branches, foreign, restore as _restore
 from .codec import CodecOptions
 from .config import ManagerOptions, decode_yaml, load_yaml_text, options_from_dict
 from .errors import (
@@ -38,7 +38,6 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
-from .dcp_io import METADATA_NAME
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .planner import PlanCache
 from .retention import Retention, RetentionPlan, metric_value
@@ -780,12 +779,17 @@ class CheckpointManager:
         try:
             m = read_folder_manifest(folder)
         except StorageError as e:
-            if not folder.exists(METADATA_NAME):
+            plain = foreign.find_foreign(folder)  # a plain DCP folder, or a torchtitan root
+            if plain is None:
                 raise CheckpointNotFoundError(f"at {folder.url} (no {MANIFEST_NAME})", self.root,
                                               [m.step for m in list_committed(self.storage)]) from e
-            log.warning("rank=%d: %s has no %s: reading it as a plain DCP checkpoint (step 0, "
-                        "files not checksummed)", self.rank, folder.url, MANIFEST_NAME)
-            m = Manifest(step=0)
+            log.warning("rank=%d: %s has no %s: reading it as a plain DCP checkpoint (files not "
+                        "checksummed)", self.rank, plain.url, MANIFEST_NAME)
+            self.last_restore_report = foreign.load_plain(plain, state, rank=self.rank,
+                                                          group=self._fg_group, **load)
+            m = Manifest(step=self.last_restore_report.step)
+            self._after_restore(m, state)
+            return m.step
         self.last_restore_report = _restore.load_into(folder, m, state, rank=self.rank,
                                                       group=self._fg_group, **load)
         self._after_restore(m, state)
@@ -798,8 +802,12 @@ class CheckpointManager:
                                            source=source.url, select=load["select"],
                                            strict=load["strict"])
         else:
-            folder, m = _restore.find_checkpoint(source)
-            report = _restore.load_into(folder, m, state, rank=self.rank, group=self._fg_group, **load)
+            folder, m = foreign.find_source(source)
+            if m is None:
+                report = foreign.load_plain(folder, state, rank=self.rank, group=self._fg_group, **load)
+            else:
+                report = _restore.load_into(folder, m, state, rank=self.rank, group=self._fg_group,
+                                            **load)
         log.info("rank=%d: %s has no checkpoint yet: started from %s (%s)", self.rank, self.root,
                  report.source, ", ".join(report.loaded))
         return report

@@ -128,6 +128,8 @@ class RestoreReport:
     """Keys of the live state the checkpoint lacks (left as they were)."""
     unexpected: list[str] = field(default_factory=list)
     """Keys of the checkpoint the live state lacks (ignored)."""
+    refused: list[str] = field(default_factory=list)
+    """Entries of a foreign checkpoint that were not restored, each with why (``foreign.py``)."""
 
     @property
     def complete(self) -> bool:

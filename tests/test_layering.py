@@ -17,7 +17,7 @@ LAYER = {
     "_torch_compat": 2, "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
     "multipart": 2, "safe_metadata": 2, "values": 2,
     "storage": 3, "dcp_io": 3, "lease": 3, "quarantine": 3, "branches": 3,
-    "pipeline": 4, "restore": 4, "mirror": 4, "release": 4,
+    "pipeline": 4, "restore": 4, "mirror": 4, "release": 4, "foreign": 4,
     "manager": 5,
     "cli": 6, "__main__": 6, "integrations": 6,
 }
@@ -28,6 +28,7 @@ ALLOWED_SAME_LAYER = {("config", "retention"), ("config", "schedule"), ("dcp_io"
                       ("state", "values"), ("values", "_torch_compat"),
                       ("lease", "storage"), ("quarantine", "storage"),
                       ("branches", "storage"), ("branches", "quarantine"),
+                      ("foreign", "restore"),
                       ("__main__", "cli")}
 PURE = ["errors", "retention", "schedule", "manifest", "config"]
 NO_TORCH = PURE + ["codec", "multipart", "storage", "lease", "quarantine", "branches", "cli"]
