@@ -329,3 +329,58 @@ def test_own_layout_plain_dcp_folder_still_reads_as_before(tmp_path):
         assert mgr.restore(TrainState(model=fresh, optimizer=fopt), tmp_path / "own") == 0
         assert mgr.last_restore_report.refused == []
     assert _equal(_weights(fresh), _weights(model))
+
+
+def _save_with_torchtitan(root, steps: int = 3):
+    """Real torchtitan output (where torchtitan installs): its CheckpointManager saving its
+    ModelWrapper, OptimizersContainer (AdamW) and LRSchedulersContainer, plus a train_state;
+    returns (weights at the save, weights after two more steps in this process)."""
+    pytest.importorskip("torchtitan")
+    from torchtitan.components.checkpoint import CheckpointManager as TitanManager
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
+
+    class Progress:
+        step, ntokens_seen = 0, 0
+
+        def state_dict(self):
+            return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+        def load_state_dict(self, sd):
+            self.step, self.ntokens_seen = sd["step"], sd["ntokens_seen"]
+
+    model, progress = Tiny(0), Progress()
+    groups = [ParamGroupConfig(pattern=".*", optimizer_name="AdamW",
+                               optimizer_kwargs=dict(lr=0.01, weight_decay=0.1))]
+    opts = OptimizersContainer(OptimizersContainer.Config(param_groups=groups,
+                                                          implementation="for-loop"),
+                               model_parts=[model])
+    scheds = LRSchedulersContainer(opts, _warmup)
+    titan = TitanManager(TitanManager.Config(enable=True, folder="checkpoint", interval=1,
+                                             last_save_model_only=False, keep_latest_k=0),
+                         dataloader=None, model_parts=[model], optimizers=opts,
+                         lr_schedulers=scheds, states={"train_state": progress}, sd_adapter=None,
+                         base_folder=str(root))
+    for i in range(steps):
+        _step(model, opts, scheds, i)
+        progress.step += 1
+    titan.save(steps)
+    at_save = _weights(model)
+    for i in range(steps, steps + 2):
+        _step(model, opts, scheds, i)
+    titan.close()
+    return at_save, _weights(model)
+
+
+def test_real_torchtitan_output_restores_and_continues_bit_exactly(tmp_path):
+    at_save, after = _save_with_torchtitan(tmp_path / "titan")
+    model, opt, sched = _run(1)
+    with CheckpointManager(tmp_path / "run") as mgr:
+        step = mgr.restore(TrainState(model=model, optimizer=opt, scheduler=sched),
+                           tmp_path / "titan" / "checkpoint")
+        assert mgr.last_restore_report.loaded == ["model/model", "optim/optimizer", "scheduler"]
+    assert step == 3
+    assert _equal(_weights(model), at_save)
+    for i in range(3, 5):
+        _step(model, opt, sched, i)
+    assert _equal(_weights(model), after)
