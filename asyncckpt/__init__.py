@@ -29,7 +29,8 @@ from .schedule import Schedule, format_params, parse_milestones, plan_checkpoint
 
 __version__ = "0.1.0"
 
-_LAZY = {"CheckpointManager": "manager", "TrainState": "state", "SaveHandle": "pipeline"}
+_LAZY = {"CheckpointManager": "manager", "TrainState": "state", "SaveHandle": "pipeline",
+         "load_weights": "weights"}
 
 
 def __getattr__(name: str) -> Any:
@@ -45,5 +46,6 @@ __all__ = [
     "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError", "ForeignFolderError",
     "IntegrityError",
     "Retention", "RollbackRefusedError", "SaveError", "SaveHandle", "Schedule", "StateMismatchError", "StorageError",
-    "TrainState", "UnsafeCheckpointError", "format_params", "parse_milestones", "plan_checkpoints",
+    "TrainState", "UnsafeCheckpointError", "format_params", "load_weights", "parse_milestones",
+    "plan_checkpoints",
 ]

@@ -167,11 +167,14 @@ def _map_optimizer(saved: set[str], top: str, live: Sequence[str], fqns: Sequenc
 
 def find_foreign(source: Storage) -> Storage | None:
     """The DCP folder ``source`` names: itself (it has ``.metadata``), or a torchtitan root's
-    newest ``step-<n>`` folder with one; None if neither."""
+    newest ``step-<n>`` folder with one (not zero-padded, no manifest); None if neither."""
     if source.exists(METADATA_NAME):
         return source
-    steps = sorted((int(m.group(1)), name) for name in source.list_dirs()
-                   if (m := _STEP_DIR.fullmatch(name)) and source.exists(f"{name}/{METADATA_NAME}"))
+    names = [n for n in source.list_dirs() if _STEP_DIR.fullmatch(n)]
+    if any(n.startswith("step-0") and n != "step-0" for n in names) or \
+            any(source.exists(f"{n}/{MANIFEST_NAME}") for n in names):
+        return None  # asyncckpt's own root (step-0000000010/, manifests): never read as foreign
+    steps = sorted((int(n[len("step-"):]), n) for n in names if source.exists(f"{n}/{METADATA_NAME}"))
     return source.child(steps[-1][1]) if steps else None
 
 

@@ -18,7 +18,7 @@ LAYER = {
     "multipart": 2, "safe_metadata": 2, "values": 2,
     "storage": 3, "dcp_io": 3, "lease": 3, "quarantine": 3, "branches": 3,
     "pipeline": 4, "restore": 4, "mirror": 4, "release": 4, "foreign": 4,
-    "manager": 5,
+    "manager": 5, "weights": 5,
     "cli": 6, "__main__": 6, "integrations": 6,
 }
 # Same-layer imports the design names explicitly.
