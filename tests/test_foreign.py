@@ -384,3 +384,16 @@ def test_real_torchtitan_output_restores_and_continues_bit_exactly(tmp_path):
     for i in range(3, 5):
         _step(model, opt, sched, i)
     assert _equal(_weights(model), after)
+
+
+def test_an_asyncckpt_root_is_never_read_as_a_torchtitan_root(tmp_path):
+    from asyncckpt.foreign import find_foreign
+    from asyncckpt.storage import Storage
+
+    model, opt, sched = _run(0)
+    with CheckpointManager(tmp_path / "run", compression=None) as mgr:
+        mgr.save(5, TrainState(model=model)).result()
+    (tmp_path / "run" / "step-0000000005" / "manifest.json").unlink()  # as if uncommitted
+    assert find_foreign(Storage(str(tmp_path / "run"))) is None
+    save_torchtitan(model, opt, sched, tmp_path / "tt", 0)
+    assert find_foreign(Storage(str(tmp_path / "tt"))).url.endswith("/step-0")
