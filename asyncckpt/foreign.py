@@ -242,7 +242,7 @@ def load_foreign(folder: Storage, md: dcp_metadata.Metadata, state: TrainState, 
             not (wants_sched and mapping.scheduler):
         raise StateMismatchError(_nothing(folder.url, saved, flat), missing=sorted(flat),
                                  unexpected=sorted(saved))
-    undo = _load_scheduler(folder, saved, mapping.scheduler, state) if wants_sched else None
+    loaded_sched = _load_scheduler(folder, saved, mapping.scheduler, state) if wants_sched else None
     try:
         target = {ckpt: flat[live] for live, ckpt in mapping.keys.items()}
         _load(target, CheckpointReader(folder, verify=False), folder.url, group)
@@ -253,11 +253,13 @@ def load_foreign(folder: Storage, md: dcp_metadata.Metadata, state: TrainState, 
             set_element(nested, unflatten[live], value)
         state.apply_tensors(nested, strict=strict)
     except BaseException:
-        if undo is not None:
-            undo()
+        if loaded_sched is not None:
+            loaded_sched.undo()
         raise
+    if loaded_sched is not None:
+        loaded_sched.finish()
     tops = sorted({k.split(".", 1)[0] for k in mapping.keys})
-    report.loaded = tops + (["scheduler"] if undo is not None else [])
+    report.loaded = tops + (["scheduler"] if loaded_sched is not None else [])
     report.refused = _refused(saved, mapping, state, select)
     log.warning("%s: read as a foreign DCP checkpoint (layout %s, step=%d): loaded %s; not "
                 "restored: %s", folder.url, mapping.layout, report.step, report.loaded,
@@ -308,9 +310,9 @@ def _step(folder: Storage, saved: Mapping[str, Any]) -> int:
 
 
 def _load_scheduler(folder: Storage, saved: Mapping[str, Any], prefix: str | None,
-                    state: TrainState) -> Any:
-    """Load the checkpoint's scheduler entry into the one live scheduler; returns the undo, or
-    None when the checkpoint has none."""
+                    state: TrainState) -> "_SchedulerLoad | None":
+    """Load the checkpoint's scheduler entry into the one live scheduler (None when the
+    checkpoint has none)."""
     if prefix is None:
         return None
     keys = [k for k in saved if _under(k, prefix)]
@@ -326,10 +328,26 @@ def _load_scheduler(folder: Storage, saved: Mapping[str, Any], prefix: str | Non
     if "last_epoch" in given and "_step_count" not in given:
         sd["_step_count"] = sd["last_epoch"] + 1
     live.load_state_dict(sd)
-    if "_last_lr" not in given and hasattr(live, "optimizer"):
-        live._last_lr = [g["lr"] for g in live.optimizer.param_groups]
     log.info("scheduler %r restored from %s entry %r", name, folder.url, prefix)
-    return lambda: live.load_state_dict(before)
+    return _SchedulerLoad(live, before, last_lr_given="_last_lr" in given)
+
+
+@dataclass
+class _SchedulerLoad:
+    """A scheduler loaded from a foreign checkpoint: ``undo()`` puts its state back;
+    ``finish()`` (after the optimizer is loaded) takes its last lr from the optimizer when
+    the checkpoint had none (torchtitan's)."""
+
+    live: Any
+    before: dict[str, Any]
+    last_lr_given: bool
+
+    def undo(self) -> None:
+        self.live.load_state_dict(self.before)
+
+    def finish(self) -> None:
+        if not self.last_lr_given and hasattr(self.live, "optimizer"):
+            self.live._last_lr = [g["lr"] for g in self.live.optimizer.param_groups]
 
 
 def _refused(saved: Collection[str], mapping: KeyMapping, state: TrainState,

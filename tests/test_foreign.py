@@ -277,6 +277,7 @@ def test_torchtitan_root_restores_its_newest_step(tmp_path):
                            tmp_path / "tt") == 2
     assert _equal(_weights(fresh), _weights(model))
     assert fsched.last_epoch == sched.last_epoch == 2
+    assert fsched.state_dict() == sched.state_dict()  # _step_count and the last lr too
 
 
 @pytest.mark.parametrize("strict", [True, False])
