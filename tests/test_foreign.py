@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict
@@ -73,6 +74,31 @@ def test_map_keys(name, saved, layout, keys, unmapped):
     assert mapping.keys == keys, name
     assert mapping.unmapped == unmapped, name
     assert mapping.missing == sorted(k for k in LIVE if k not in keys and not k.endswith(".params"))
+
+
+_FQN = st.lists(st.from_regex(r"[a-z]{1,3}(\.[a-z0-9]{1,3}){0,2}", fullmatch=True)
+                .filter(lambda f: f.split(".", 1)[0] not in ("model", "optimizer", "lr_scheduler",
+                                                              "scheduler", "dataloader",
+                                                              "train_state")),
+                min_size=1, max_size=6, unique=True)
+
+
+@given(fqns=_FQN, layout=st.sampled_from(["state_dict", "index", "torchtitan"]))
+def test_map_keys_maps_every_live_key_of_a_checkpoint_in_a_known_layout(fqns, layout):
+    live = [f"model/model.{f}" for f in fqns]
+    live += [f"optim/optimizer.state.{f}.{k}" for f in fqns for k in ("exp_avg", "step")]
+    live += ["optim/optimizer.param_groups.0.lr", "optim/optimizer.param_groups.0.params"]
+    model = {f"model.{f}" for f in fqns} if layout != "torchtitan" else set(fqns)
+    if layout == "index":
+        state = {f"optimizer.state.{i}.{k}" for i in range(len(fqns)) for k in ("exp_avg", "step")}
+    else:
+        state = {f"optimizer.state.{f}.{k}" for f in fqns for k in ("exp_avg", "step")}
+    group = {"optimizer.param_groups.0.lr"} if layout != "torchtitan" else \
+        {f"optimizer.param_groups.{f}.lr" for f in fqns}
+    mapping = map_keys(model | state | group, live, {"optimizer": [fqns]})
+    assert mapping.missing == []
+    assert len(set(mapping.keys.values())) == len(mapping.keys) == len(live) - 1
+    assert set(mapping.keys.values()) <= model | state | group
 
 
 @pytest.mark.parametrize("saved,scheduler", [
@@ -169,8 +195,8 @@ def _flat_optim(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, objec
     ``param_groups.{fqn}.{k}`` (its get_flat_optim_state_dict)."""
     sd = get_optimizer_state_dict(model, opt)
     flat: dict[str, object] = {}
-    for fqn, st in sd["state"].items():
-        for k, v in st.items():
+    for fqn, per_param in sd["state"].items():
+        for k, v in per_param.items():
             flat[f"state.{fqn}.{k}"] = v
     for group in sd["param_groups"]:
         for fqn in group["params"]:
