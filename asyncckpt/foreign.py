@@ -228,8 +228,8 @@ def load_foreign(folder: Storage, md: dcp_metadata.Metadata, state: TrainState, 
     flat, unflatten, groups = live_layout(state, tensor_parts)
     mapping = map_keys(saved, list(flat), groups)
     partial_optim = [k for k in mapping.missing if k.startswith("optim/")]
-    if partial_optim and not strict and "model" in tensor_parts:
-        flat, unflatten, groups = live_layout(state, ["model"])
+    if partial_optim and not strict:
+        flat, unflatten, groups = live_layout(state, [p for p in tensor_parts if p != "optimizer"])
         mapping = map_keys(saved, list(flat), groups)
         mapping.missing.extend(sorted({k.split(".", 1)[0] for k in partial_optim}))
     _check(mapping, flat, saved, folder.url, strict)
