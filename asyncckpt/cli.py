@@ -396,7 +396,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.no_log_steps:
         request = replace(request, log_steps_first_epoch=False)
     targets = parse_targets(args.targets) if args.targets is not None else None
-    if targets and request.target is not None:
+    if targets and isinstance(request.target, int):  # a mapping is overridden by --targets
         print(f"note: training.target_checkpoints={request.target} in {args.config} "
               "takes precedence over --targets", file=sys.stderr)
     plan = request.plan(targets)
