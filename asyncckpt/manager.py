@@ -41,7 +41,7 @@ from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, selec
 from .dcp_io import METADATA_NAME
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .planner import PlanCache
-from .retention import Retention, RetentionPlan, metric_value
+from .retention import Retention, RetentionPlan, best_step_for, best_tags, metric_value
 from .schedule import Schedule, ScheduleState, format_params
 from .signals import StopSignals, signal_name
 from .staging import Stager
@@ -294,7 +294,7 @@ class CheckpointManager:
                                 codec=self.options.compression, torch_version=torch.__version__,
                                 git_commit=self._git, host=self._host, device=self._device,
                                 milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)),
-                                branch=lineage.branch, parent=lineage.parent)
+                                branch=lineage.branch, parent=lineage.parent, **self._ranking())
             self._pipeline.submit(SaveJob(
                 handle=handle, staged=staged, manifest=manifest, overwrite=overwrite, plan=plan,
                 before_write=self._rollback_work(rollback) if rollback and self.rank == 0 else None))
@@ -310,6 +310,12 @@ class CheckpointManager:
                 self._pipeline.forget(e)  # raised here: the next call must not raise it again
                 raise
         return handle
+
+    def _ranking(self) -> dict[str, str | None]:
+        """What the manifest records of the metric retention ranks by (readers' ``"best"``)."""
+        metric = self.retention.primary_metric if self.retention is not None else None
+        return {"rank_metric": metric,
+                "rank_mode": None if metric is None else self.retention.mode_for(metric)}  # type: ignore[union-attr]
 
     def _pending_rollback(self) -> branches.Rollback | None:
         rollback = self._lineage.rollback
@@ -546,20 +552,9 @@ class CheckpointManager:
         manifests = list_committed(store)
         if not backup:
             manifests = with_release_tags(store, manifests)
-        best_tags = self._best_tags(manifests)
-        return [CheckpointInfo.from_manifest(m, store.url_of(step_dir_name(m.step)),
-                                             best_tags.get(m.step, ()))
+        tags = best_tags(manifests, self.retention)
+        return [CheckpointInfo.from_manifest(m, store.url_of(step_dir_name(m.step)), tags.get(m.step, ()))
                 for m in manifests]
-
-    def _best_tags(self, manifests: Sequence[Manifest]) -> dict[int, tuple[str, ...]]:
-        out: dict[int, tuple[str, ...]] = {}
-        if self.retention is None:
-            return out
-        for metric in self.retention.metrics:
-            step = self.retention.best_step(manifests, metric)
-            if step is not None:
-                out[step] = (*out.get(step, ()), f"best:{metric}")
-        return out
 
     # -- releases ------------------------------------------------------------------------
     def release(self, source: int | str | TrainState, *, version: str,
@@ -759,17 +754,13 @@ class CheckpointManager:
         return [select(manifests, step, self.root)]
 
     def _best(self, manifests: Sequence[Manifest], which: str) -> Manifest:
-        metric = which.split(":", 1)[1] if ":" in which else None
-        policy = self.retention
-        if metric is None and (policy is None or policy.primary_metric is None):
-            raise ConfigError('restore(which="best") needs Retention(best_metric=...) '
-                              'or which="best:<metric>"')
-        if policy is None:
-            policy = Retention(best_metric=metric)
-        step = policy.best_step(manifests, metric)
+        found = best_step_for(manifests, which.split(":", 1)[1] if ":" in which else None, self.retention)
+        if found is None:
+            raise ConfigError('restore(which="best") needs Retention(best_metric=...), checkpoints '
+                              'that recorded the metric their retention ranked by, or which="best:<metric>"')
+        metric, step = found
         if step is None:
-            raise CheckpointNotFoundError(f"with metric {metric or policy.primary_metric!r}",
-                                          self.root, [m.step for m in manifests])
+            raise CheckpointNotFoundError(f"with metric {metric!r}", self.root, [m.step for m in manifests])
         return next(m for m in manifests if m.step == step)
 
     def _restore_path(self, state: TrainState, path: str, *, initial: bool = False, **load: Any) -> int:
