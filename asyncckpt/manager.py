@@ -183,6 +183,8 @@ class CheckpointManager:
                                   after_commit=self._after_commit if self.rank == 0 else None,
                                   on_failure=self.options.on_failure if self.rank == 0 else None)
         self._warned_direct = False
+        self._warned_metrics: set[str] = set()  # missing from a save: warned once each, then debug
+        self._saved_steps: set[int] = set()  # steps save() took in this run: maybe_save skips them
         self.last_restore_report: _restore.RestoreReport | None = None
         """What the last ``restore()`` loaded, and the keys it found missing or unexpected."""
         self._closed = False
@@ -303,10 +305,13 @@ class CheckpointManager:
             raise
         log.debug("step=%d rank=%d: staged %d bytes in %.3fs", step, self.rank,
                   staged.bytes_staged, handle.stall_s)
+        self._saved_steps.add(step)
+        self._last_handle = handle  # what a stop signal in maybe_save waits for
         if blocking:
             try:
                 handle.result()
             except BaseException as e:
+                self._saved_steps.discard(step)  # not committed: maybe_save may save it again
                 self._pipeline.forget(e)  # raised here: the next call must not raise it again
                 raise
         return handle
@@ -375,8 +380,8 @@ class CheckpointManager:
                    tags: Sequence[str] = ()) -> SaveHandle | None:
         """Save when the schedule, ``force`` or a stop signal says so; otherwise do nothing.
 
-        A step this manager already saved (or restored) is not saved again, even
-        with ``force``.  After SIGTERM/SIGINT (``save_on_signal=True``) it saves
+        A step this manager already saved (by ``save()`` or ``maybe_save``, or restored) is
+        not saved again, even with ``force``: the call returns None (logged at debug).  After SIGTERM/SIGINT (``save_on_signal=True``) it saves
         at once, waits up to ``signal_grace_s`` for the commit and sets
         ``should_stop``.  Distributed, when ``save_on_signal`` is on or the
         schedule is clock-based (``every_seconds``, ``auto``), each call runs one
@@ -395,11 +400,15 @@ class CheckpointManager:
             count = state.trainable_param_count() if sched.param_milestones else None
             decision = st.decide(sched, step=step, now=now, epoch_end=epoch_end, param_count=count)
         wanted, signalled = self._agree(force or bool(decision and decision.save))
-        if step == st.last_save_step or not (wanted or signalled):
+        done = step == st.last_save_step or step in self._saved_steps
+        if done or not (wanted or signalled):
             if signalled:
                 log.warning("step=%d rank=%d: stop signal: step already saved; stopping", step, self.rank)
                 self._stop_after(self._last_handle)
-            elif not self._stager.warm:
+                return None
+            if done and wanted:
+                log.debug("step=%d rank=%d: already saved in this run; not saved again", step, self.rank)
+            if not self._stager.warm:
                 self._prewarm_staging(state)
             return None
         extra = list(decision.tags if decision else ("epoch_end",) if epoch_end else ())
@@ -483,10 +492,14 @@ class CheckpointManager:
             return
         missing = [m for m in policy.metrics if metric_value(manifest, m) is None] \
             if policy.keep_best else []
-        if missing:  # once per save: only the checkpoint just committed is looked at
-            log.warning("step=%d rank=%d: no finite value of metric %s, which keep_best=%d ranks "
-                        "by; retention keeps this checkpoint only by its other rules", manifest.step,
-                        self.rank, ", ".join(map(repr, missing)), policy.keep_best)
+        if missing:  # a WARNING once per metric per manager; later saves lacking it: debug
+            new = [m for m in missing if m not in self._warned_metrics]
+            self._warned_metrics.update(missing)
+            (log.warning if new else log.debug)(
+                "step=%d rank=%d: no finite value of metric %s, which keep_best=%d ranks by; retention "
+                "keeps this checkpoint only by its other rules%s", manifest.step, self.rank,
+                ", ".join(map(repr, new or missing)), policy.keep_best,
+                " (said once per metric: pass it in metrics= of the saves)" if new else "")
         if not policy.disabled:
             self._prune(policy, dry_run=False)
 

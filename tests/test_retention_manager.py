@@ -206,18 +206,28 @@ def test_readers_right_after_save_never_fail_on_the_retention_in_flight(tmp_path
     assert failures == [], f"{len(failures)} of 200: {failures[:3]}"
 
 
-def test_missing_metric_warns_once_per_step_and_never_crashes(tmp_path, caplog):
-    policy = Retention(keep_last=1, keep_best=1, best_metric="val_loss")
+def test_missing_metric_warns_once_per_manager_and_metric_and_never_crashes(tmp_path, caplog):
+    policy = Retention(keep_last=1, keep_best=1, best_metric=["val_loss", "acc"], best_mode={"acc": "max"})
+    saves = {1: {"val_loss": 1.0, "acc": 0.1}, 2: {"loss": 1.0, "acc": 0.2}, 3: {"val_loss": 3.0},
+             4: {"loss": 1.0}, 5: {"val_loss": 5.0, "acc": 0.3}, 6: {"loss": 1.0}}
     with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:
-        caplog.set_level(logging.WARNING, logger="asyncckpt")
-        for step in range(1, 7):
-            metrics = {"val_loss": float(step)} if step in (1, 3, 5) else {"loss": 1.0}
+        caplog.set_level(logging.DEBUG, logger="asyncckpt")
+        for step, metrics in saves.items():
             _save(mgr, step, metrics=metrics, blocking=True)
         mgr.wait()
         assert _steps(mgr) == [1, 5, 6]
-    warned = [r for r in caplog.records if "val_loss" in r.getMessage()]
-    assert [r.getMessage().split(" ")[0] for r in warned] == ["step=2", "step=4", "step=6"]
-    assert all(r.levelno == logging.WARNING for r in warned)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "no finite value of metric" in r.getMessage()]
+    warned = [m for level, m in said if level == logging.WARNING]
+    assert [m.split(" ")[0] for m in warned] == ["step=2", "step=3"]   # val_loss first missed, then acc
+    assert "metric 'val_loss'," in warned[0] and "metric 'acc'," in warned[1]
+    assert all("said once per metric" in m for m in warned)
+    assert [m.split(" ")[0] for level, m in said if level == logging.DEBUG] == ["step=4", "step=6"]
+    with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:  # a new manager warns anew
+        caplog.clear()
+        _save(mgr, 7, metrics={"acc": 0.5}, blocking=True)
+        mgr.wait()
+    assert [r.getMessage().split(" ")[0] for r in caplog.records
+            if r.levelno == logging.WARNING and "'val_loss'" in r.getMessage()] == ["step=7"]
 
 
 def test_explicit_prune_dry_run_and_other_policy(tmp_path, caplog):
