@@ -18,7 +18,7 @@ the user's and are ignored::
       auto_generate_checkpoints: true
       checkpoint_schedule: [1, 2, 4, ...]   # written by `asyncckpt schedule`
     checkpoint:                    # strict: an unknown key is an error
-      root: runs/exp1/ckpt         # then any ManagerOptions field:
+      root: runs/exp1/ckpt         # relative: to the YAML file's folder; then any ManagerOptions field:
       retention: {keep_last: 3, keep_best: 1, best_metric: val_loss}
       schedule: {every_n_steps: 500}
       compression: zstd
@@ -27,6 +27,7 @@ the user's and are ignored::
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from os import PathLike
 from collections.abc import Callable, Mapping, Sequence
@@ -358,12 +359,24 @@ def _target(training: Mapping[str, Any], where: str, value: Any,
     return table
 
 
+def resolve_root(root: str, base_dir: str | None) -> str:
+    """``root`` as a config file gives it: a relative local path is relative to ``base_dir``
+    (the file's folder); URLs (``scheme://``), absolute and ``~`` paths, and any root when
+    ``base_dir`` is None, are as given.  Path arithmetic only: nothing is looked at."""
+    if base_dir is None or "://" in root or os.path.isabs(root) or root.startswith("~"):
+        return root
+    return os.path.join(base_dir, root)
+
+
 def options_from_dict(config: Mapping[str, Any], source: str = "config",
-                      overrides: Mapping[str, Any] | None = None) -> tuple[str, ManagerOptions]:
+                      overrides: Mapping[str, Any] | None = None,
+                      base_dir: str | None = None) -> tuple[str, ManagerOptions]:
     """The root and ``ManagerOptions`` from a parsed config (see the module docstring).
 
     ``overrides`` replace keys of the ``checkpoint:`` section (same names, values
-    may be objects: ``Retention``, ``Schedule``).  When the schedule has no
+    may be objects: ``Retention``, ``Schedule``).  A relative ``checkpoint.root``
+    of the config (not of ``overrides``) is taken relative to ``base_dir`` (the YAML
+    file's folder; None: the working directory).  When the schedule has no
     ``at_steps``, they come from ``training.checkpoint_schedule``, or else, with
     ``training.auto_generate_checkpoints: true``, from ``plan_request(...).plan()``.
     """
@@ -375,6 +388,8 @@ def options_from_dict(config: Mapping[str, Any], source: str = "config",
         raise ConfigError(f"{source}: checkpoint.root is missing: expected the checkpoint URL or path")
     if not isinstance(root, str):
         raise ConfigError.field(f"{source}: checkpoint.root", root, "the checkpoint URL or path (text)")
+    if "root" not in (overrides or {}):
+        root = resolve_root(root, base_dir)
     for name, cls in _NESTED.items():
         if isinstance(section.get(name), Mapping):
             section[name] = _build(cls, section[name], f"{source}: checkpoint.{name}")

@@ -200,14 +200,17 @@ class CheckpointManager:
                     **overrides: Any) -> "CheckpointManager":
         """A manager from a YAML file (or its parsed dict): the ``checkpoint:`` section
         (``root`` and any option), and ``training:`` for a planned schedule; see
-        ``asyncckpt.config``.  ``overrides`` replace keys of ``checkpoint:``."""
+        ``asyncckpt.config``.  ``overrides`` replace keys of ``checkpoint:``.  A relative
+        ``checkpoint.root`` in the file is relative to the file's folder (in a dict, and in
+        ``overrides``, to the working directory)."""
         if isinstance(config, Mapping):
-            data, source = config, "config"
+            data, source, base = config, "config", None
         else:
             source = os.fspath(config)
             with open(source, "rb") as f:  # a missing file stays a FileNotFoundError
                 data = load_yaml_text(decode_yaml(f.read(), source), source)
-        root, options = options_from_dict(data, source, overrides)
+            base = os.path.dirname(os.path.abspath(source))
+        root, options = options_from_dict(data, source, overrides, base_dir=base)
         return cls(root, **{f.name: getattr(options, f.name) for f in fields(options)})
 
     # -- setup -------------------------------------------------------------------

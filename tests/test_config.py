@@ -13,6 +13,7 @@ from asyncckpt.config import (
     load_yaml_text,
     options_from_dict,
     plan_request,
+    resolve_root,
     with_checkpoint_schedule,
 )
 from asyncckpt.errors import ConfigError
@@ -466,3 +467,29 @@ def test_target_checkpoints_mapping_gives_from_config_its_plan() -> None:
                 "target_checkpoints": {**SIZES, "large": 25}, "auto_generate_checkpoints": True}
     _, options = options_from_dict({"training": training, "checkpoint": {"root": "r"}})
     assert options.schedule.at_steps == tuple(plan_checkpoints(10_000, 1000, target=25))
+
+
+# ---------------------------------------------------------------- checkpoint.root relative to the file
+@pytest.mark.parametrize(
+    ("root", "base", "expected"),
+    [
+        ("runs/ckpt", "/etc/exp", "/etc/exp/runs/ckpt"),
+        ("./ckpt", "/etc/exp", "/etc/exp/./ckpt"),
+        ("../ckpt", "/etc/exp", "/etc/exp/../ckpt"),
+        ("runs/ckpt", None, "runs/ckpt"),                  # a dict config: the working directory
+        ("/abs/ckpt", "/etc/exp", "/abs/ckpt"),
+        ("~/ckpt", "/etc/exp", "~/ckpt"),
+        ("s3://bucket/run", "/etc/exp", "s3://bucket/run"),
+        ("file:///data/run", "/etc/exp", "file:///data/run"),
+        ("memory://run", "/etc/exp", "memory://run"),
+    ],
+)
+def test_resolve_root(root: str, base: str | None, expected: str) -> None:
+    assert resolve_root(root, base) == expected
+
+
+def test_options_from_dict_resolves_the_files_root_not_an_override() -> None:
+    config = {"checkpoint": {"root": "runs/ckpt"}}
+    assert options_from_dict(config, "x.yaml", base_dir="/etc/exp")[0] == "/etc/exp/runs/ckpt"
+    assert options_from_dict(config, "x.yaml")[0] == "runs/ckpt"
+    assert options_from_dict(config, "x.yaml", {"root": "other"}, base_dir="/etc/exp")[0] == "other"
