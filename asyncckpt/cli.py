@@ -23,7 +23,7 @@ from .errors import (AsyncCkptError, CheckpointNotFoundError, ConfigError, Corru
 from .lease import live_holder
 from .manifest import CheckpointInfo, select, step_dir_name
 from .quarantine import checked_plan, list_quarantined, quarantine, retire_expired
-from .retention import Retention
+from .retention import Retention, best_tags
 from .storage import (Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
                       read_manifest, verify_checkpoint)
 
@@ -75,10 +75,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     manifests = with_release_tags(storage, list_committed(storage))
-    best = Retention(best_metric=args.metric, best_mode=args.mode).best_step(manifests) \
-        if args.metric else None
-    infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)),
-                                          (f"best:{args.metric}",) if m.step == best else ())
+    policy = Retention(best_metric=args.metric, best_mode=args.mode) if args.metric and args.mode else None
+    tags = best_tags(manifests, policy, [args.metric] if args.metric else None)  # else: as recorded
+    infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)), tags.get(m.step, ()))
              for m in manifests]
     aside = list_quarantined(storage) if args.all else []
     abandoned = list_abandoned(storage) if args.all else []
@@ -396,7 +395,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.no_log_steps:
         request = replace(request, log_steps_first_epoch=False)
     targets = parse_targets(args.targets) if args.targets is not None else None
-    if targets and request.target is not None:
+    if targets and isinstance(request.target, int):  # a mapping is overridden by --targets
         print(f"note: training.target_checkpoints={request.target} in {args.config} "
               "takes precedence over --targets", file=sys.stderr)
     plan = request.plan(targets)
@@ -462,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = root_cmd("list", "list committed checkpoints with their tags")
-    sp.add_argument("--metric", default=None, help="also tag the best checkpoint by this metric "
-                    "best:<metric>, as CheckpointManager.list() does for its retention's metrics")
-    sp.add_argument("--mode", default="min", choices=["min", "max"], help="min or max is best")
+    sp.add_argument("--metric", default=None, help="tag the best checkpoint by this metric "
+                    "best:<metric> (default: the metric the checkpoints' retention recorded)")
+    sp.add_argument("--mode", default=None, choices=["min", "max"],
+                    help="min or max is best (default: as recorded for the metric, else min)")
     sp.add_argument("--all", action="store_true",
                     help="also list quarantined (damaged, set aside) checkpoints and those of "
                     "abandoned branches (rolled back, kept under abandoned/)")

@@ -10,14 +10,15 @@ the user's and are ignored::
     training:                      # shared with the trainer: unknown keys are
       total_steps: 10000           # ignored, near-misses ("total_step") are errors
       steps_per_epoch: 1000        # or: epochs + steps_per_epoch
-      dataset_tokens: 30000000     # picks the target by size category
-      target_checkpoints: 40       # or an explicit target
+      dataset_tokens: 30000000     # picks the target by size category (schedule.size_category)
+      target_checkpoints: 40       # an explicit target, or one per size category:
+                                   # {small: 20, medium: 50, large: 100, xlarge: 200}
       log_steps_first_epoch: true
       min_checkpoint_interval: 100
       auto_generate_checkpoints: true
       checkpoint_schedule: [1, 2, 4, ...]   # written by `asyncckpt schedule`
     checkpoint:                    # strict: an unknown key is an error
-      root: runs/exp1/ckpt         # then any ManagerOptions field:
+      root: runs/exp1/ckpt         # relative: to the YAML file's folder; then any ManagerOptions field:
       retention: {keep_last: 3, keep_best: 1, best_metric: val_loss}
       schedule: {every_n_steps: 500}
       compression: zstd
@@ -26,6 +27,7 @@ the user's and are ignored::
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from os import PathLike
 from collections.abc import Callable, Mapping, Sequence
@@ -36,8 +38,8 @@ import yaml
 
 from .errors import ConfigError
 from .retention import Retention
-from .schedule import (DEFAULT_TARGETS, MAX_PLANNED_STEPS, MAX_STEP, Schedule, plan_checkpoints,
-                       size_category)
+from .schedule import (MAX_PLANNED_STEPS, MAX_STEP, Schedule, check_target_table, choose_target,
+                       plan_checkpoints)
 
 COMPRESSIONS = ("zstd", None)
 STAGINGS = ("auto", "pinned", "device")
@@ -278,10 +280,11 @@ class PlanRequest:
     """Steps in the whole run (``total_steps``, or ``epochs * steps_per_epoch``)."""
     steps_per_epoch: int
     """Steps per epoch; the whole run when the section names no epochs."""
-    target: int | None = None
-    """``target_checkpoints``: an explicit number of checkpoints."""
+    target: int | Mapping[str, int] | None = None
+    """``target_checkpoints``: an explicit number of checkpoints, or one per size category
+    (all of small/medium/large/xlarge), picked by ``dataset_tokens``."""
     dataset_tokens: int | None = None
-    """Dataset size in tokens; picks the target by size category when ``target`` is None."""
+    """Dataset size in tokens; picks the target by size category unless ``target`` is an int."""
     log_steps_first_epoch: bool = True
     """Also save at the powers of two in the first epoch."""
     min_interval: int = 100
@@ -289,12 +292,13 @@ class PlanRequest:
 
     def target_for(self, targets: Mapping[str, int] | None = None) -> tuple[int | None, str]:
         """The target ``plan`` aims at (None: the forced steps only) and where it comes from."""
-        if self.target is not None:
-            return self.target, "training.target_checkpoints"
-        if self.dataset_tokens is None:
-            return None, "no target_checkpoints or dataset_tokens: forced steps only"
-        category = size_category(self.dataset_tokens)
-        return {**DEFAULT_TARGETS, **(targets or {})}[category], f"{category} dataset"
+        goal, category = choose_target(self.target, self.dataset_tokens, targets)
+        if category is None:
+            return goal, ("training.target_checkpoints" if goal is not None
+                          else "no target_checkpoints or dataset_tokens: forced steps only")
+        if isinstance(self.target, Mapping) and category not in (targets or {}):
+            return goal, f"{category} dataset, training.target_checkpoints.{category}"
+        return goal, f"{category} dataset"
 
     def plan(self, targets: Mapping[str, int] | None = None) -> list[int]:
         return plan_checkpoints(self.total_steps, self.steps_per_epoch, target=self.target,
@@ -327,22 +331,52 @@ def plan_request(config: Mapping[str, Any], source: str = "config") -> PlanReque
         raise ConfigError.field(where + "steps_per_epoch", per_epoch, f"at least total_steps / "
                                 f"{MAX_PLANNED_STEPS:,} (every epoch end is saved; at most "
                                 f"{MAX_PLANNED_STEPS:,} planned steps)")
+    tokens = _whole(where + "dataset_tokens", get["dataset_tokens"], 0) if "dataset_tokens" in get else None
     return PlanRequest(
         total_steps=total, steps_per_epoch=per_epoch,
-        target=_whole(where + "target_checkpoints", get["target_checkpoints"], 0, MAX_PLANNED_STEPS)
+        target=_target(training, where, get["target_checkpoints"], tokens)
         if "target_checkpoints" in get else None,
-        dataset_tokens=_whole(where + "dataset_tokens", get["dataset_tokens"], 0)
-        if "dataset_tokens" in get else None,
+        dataset_tokens=tokens,
         log_steps_first_epoch=_flag(where + "log_steps_first_epoch", get.get("log_steps_first_epoch", True)),
         min_interval=_whole(where + "min_checkpoint_interval", get.get("min_checkpoint_interval", 100), 1))
 
 
+def _target(training: Mapping[str, Any], where: str, value: Any,
+            tokens: int | None) -> int | dict[str, int]:
+    """``training.target_checkpoints``: an int, or a mapping by size category (which then
+    needs ``dataset_tokens``: a dataset path says nothing reliable about its size in tokens)."""
+    if not isinstance(value, Mapping):
+        return _whole(where + "target_checkpoints", value, 0, MAX_PLANNED_STEPS)
+    whole = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in value.items()}
+    table = check_target_table(where + "target_checkpoints", whole)
+    if tokens is None:
+        paths = [k for k in training if isinstance(k, str) and "data" in k and k not in TRAINING_KEYS]
+        given = f" (training.{paths[0]} is given, but its size in tokens depends on the file format " \
+                "and the tokenizer: asyncckpt does not guess it)" if paths else ""
+        raise ConfigError(f"{where}target_checkpoints={dict(value)!r} picks the target by dataset "
+                          "size category: training.dataset_tokens (the dataset's size in tokens) is "
+                          f"needed{given}")
+    return table
+
+
+def resolve_root(root: str, base_dir: str | None) -> str:
+    """``root`` as a config file gives it: a relative local path is relative to ``base_dir``
+    (the file's folder); URLs (``scheme://``), absolute and ``~`` paths, and any root when
+    ``base_dir`` is None, are as given.  Path arithmetic only: nothing is looked at."""
+    if base_dir is None or "://" in root or os.path.isabs(root) or root.startswith("~"):
+        return root
+    return os.path.join(base_dir, root)
+
+
 def options_from_dict(config: Mapping[str, Any], source: str = "config",
-                      overrides: Mapping[str, Any] | None = None) -> tuple[str, ManagerOptions]:
+                      overrides: Mapping[str, Any] | None = None,
+                      base_dir: str | None = None) -> tuple[str, ManagerOptions]:
     """The root and ``ManagerOptions`` from a parsed config (see the module docstring).
 
     ``overrides`` replace keys of the ``checkpoint:`` section (same names, values
-    may be objects: ``Retention``, ``Schedule``).  When the schedule has no
+    may be objects: ``Retention``, ``Schedule``).  A relative ``checkpoint.root``
+    of the config (not of ``overrides``) is taken relative to ``base_dir`` (the YAML
+    file's folder; None: the working directory).  When the schedule has no
     ``at_steps``, they come from ``training.checkpoint_schedule``, or else, with
     ``training.auto_generate_checkpoints: true``, from ``plan_request(...).plan()``.
     """
@@ -354,6 +388,8 @@ def options_from_dict(config: Mapping[str, Any], source: str = "config",
         raise ConfigError(f"{source}: checkpoint.root is missing: expected the checkpoint URL or path")
     if not isinstance(root, str):
         raise ConfigError.field(f"{source}: checkpoint.root", root, "the checkpoint URL or path (text)")
+    if "root" not in (overrides or {}):
+        root = resolve_root(root, base_dir)
     for name, cls in _NESTED.items():
         if isinstance(section.get(name), Mapping):
             section[name] = _build(cls, section[name], f"{source}: checkpoint.{name}")

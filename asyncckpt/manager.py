@@ -40,7 +40,7 @@ from .errors import (
 from .manifest import MANIFEST_NAME, CheckpointInfo, Manifest, check_step, select, step_dir_name
 from .pipeline import Pipeline, SaveHandle, SaveJob
 from .planner import PlanCache
-from .retention import Retention, RetentionPlan, metric_value
+from .retention import Retention, RetentionPlan, best_step_for, best_tags, metric_value
 from .schedule import Schedule, ScheduleState, format_params
 from .signals import StopSignals, signal_name
 from .staging import Stager
@@ -182,6 +182,8 @@ class CheckpointManager:
                                   after_commit=self._after_commit if self.rank == 0 else None,
                                   on_failure=self.options.on_failure if self.rank == 0 else None)
         self._warned_direct = False
+        self._warned_metrics: set[str] = set()  # missing from a save: warned once each, then debug
+        self._saved_steps: set[int] = set()  # steps save() took in this run: maybe_save skips them
         self.last_restore_report: _restore.RestoreReport | None = None
         """What the last ``restore()`` loaded, and the keys it found missing or unexpected."""
         self._closed = False
@@ -197,14 +199,17 @@ class CheckpointManager:
                     **overrides: Any) -> "CheckpointManager":
         """A manager from a YAML file (or its parsed dict): the ``checkpoint:`` section
         (``root`` and any option), and ``training:`` for a planned schedule; see
-        ``asyncckpt.config``.  ``overrides`` replace keys of ``checkpoint:``."""
+        ``asyncckpt.config``.  ``overrides`` replace keys of ``checkpoint:``.  A relative
+        ``checkpoint.root`` in the file is relative to the file's folder (in a dict, and in
+        ``overrides``, to the working directory)."""
         if isinstance(config, Mapping):
-            data, source = config, "config"
+            data, source, base = config, "config", None
         else:
             source = os.fspath(config)
             with open(source, "rb") as f:  # a missing file stays a FileNotFoundError
                 data = load_yaml_text(decode_yaml(f.read(), source), source)
-        root, options = options_from_dict(data, source, overrides)
+            base = os.path.dirname(os.path.abspath(source))
+        root, options = options_from_dict(data, source, overrides, base_dir=base)
         return cls(root, **{f.name: getattr(options, f.name) for f in fields(options)})
 
     # -- setup -------------------------------------------------------------------
@@ -293,7 +298,7 @@ class CheckpointManager:
                                 codec=self.options.compression, torch_version=torch.__version__,
                                 git_commit=self._git, host=self._host, device=self._device,
                                 milestones_reached=tuple(sorted(self._schedule_state.milestones_reached)),
-                                branch=lineage.branch, parent=lineage.parent)
+                                branch=lineage.branch, parent=lineage.parent, **self._ranking())
             self._pipeline.submit(SaveJob(
                 handle=handle, staged=staged, manifest=manifest, overwrite=overwrite, plan=plan,
                 before_write=self._rollback_work(rollback) if rollback and self.rank == 0 else None))
@@ -302,13 +307,22 @@ class CheckpointManager:
             raise
         log.debug("step=%d rank=%d: staged %d bytes in %.3fs", step, self.rank,
                   staged.bytes_staged, handle.stall_s)
+        self._saved_steps.add(step)
+        self._last_handle = handle  # what a stop signal in maybe_save waits for
         if blocking:
             try:
                 handle.result()
             except BaseException as e:
+                self._saved_steps.discard(step)  # not committed: maybe_save may save it again
                 self._pipeline.forget(e)  # raised here: the next call must not raise it again
                 raise
         return handle
+
+    def _ranking(self) -> dict[str, str | None]:
+        """What the manifest records of the metric retention ranks by (readers' ``"best"``)."""
+        metric = self.retention.primary_metric if self.retention is not None else None
+        return {"rank_metric": metric,
+                "rank_mode": None if metric is None else self.retention.mode_for(metric)}  # type: ignore[union-attr]
 
     def _pending_rollback(self) -> branches.Rollback | None:
         rollback = self._lineage.rollback
@@ -368,8 +382,8 @@ class CheckpointManager:
                    tags: Sequence[str] = ()) -> SaveHandle | None:
         """Save when the schedule, ``force`` or a stop signal says so; otherwise do nothing.
 
-        A step this manager already saved (or restored) is not saved again, even
-        with ``force``.  After SIGTERM/SIGINT (``save_on_signal=True``) it saves
+        A step this manager already saved (by ``save()`` or ``maybe_save``, or restored) is
+        not saved again, even with ``force``: the call returns None (logged at debug).  After SIGTERM/SIGINT (``save_on_signal=True``) it saves
         at once, waits up to ``signal_grace_s`` for the commit and sets
         ``should_stop``.  Distributed, when ``save_on_signal`` is on or the
         schedule is clock-based (``every_seconds``, ``auto``), each call runs one
@@ -388,11 +402,15 @@ class CheckpointManager:
             count = state.trainable_param_count() if sched.param_milestones else None
             decision = st.decide(sched, step=step, now=now, epoch_end=epoch_end, param_count=count)
         wanted, signalled = self._agree(force or bool(decision and decision.save))
-        if step == st.last_save_step or not (wanted or signalled):
+        done = step == st.last_save_step or step in self._saved_steps
+        if done or not (wanted or signalled):
             if signalled:
                 log.warning("step=%d rank=%d: stop signal: step already saved; stopping", step, self.rank)
                 self._stop_after(self._last_handle)
-            elif not self._stager.warm:
+                return None
+            if done and wanted:
+                log.debug("step=%d rank=%d: already saved in this run; not saved again", step, self.rank)
+            if not self._stager.warm:
                 self._prewarm_staging(state)
             return None
         extra = list(decision.tags if decision else ("epoch_end",) if epoch_end else ())
@@ -476,10 +494,14 @@ class CheckpointManager:
             return
         missing = [m for m in policy.metrics if metric_value(manifest, m) is None] \
             if policy.keep_best else []
-        if missing:  # once per save: only the checkpoint just committed is looked at
-            log.warning("step=%d rank=%d: no finite value of metric %s, which keep_best=%d ranks "
-                        "by; retention keeps this checkpoint only by its other rules", manifest.step,
-                        self.rank, ", ".join(map(repr, missing)), policy.keep_best)
+        if missing:  # a WARNING once per metric per manager; later saves lacking it: debug
+            new = [m for m in missing if m not in self._warned_metrics]
+            self._warned_metrics.update(missing)
+            (log.warning if new else log.debug)(
+                "step=%d rank=%d: no finite value of metric %s, which keep_best=%d ranks by; retention "
+                "keeps this checkpoint only by its other rules%s", manifest.step, self.rank,
+                ", ".join(map(repr, new or missing)), policy.keep_best,
+                " (said once per metric: pass it in metrics= of the saves)" if new else "")
         if not policy.disabled:
             self._prune(policy, dry_run=False)
 
@@ -545,20 +567,9 @@ class CheckpointManager:
         manifests = list_committed(store)
         if not backup:
             manifests = with_release_tags(store, manifests)
-        best_tags = self._best_tags(manifests)
-        return [CheckpointInfo.from_manifest(m, store.url_of(step_dir_name(m.step)),
-                                             best_tags.get(m.step, ()))
+        tags = best_tags(manifests, self.retention)
+        return [CheckpointInfo.from_manifest(m, store.url_of(step_dir_name(m.step)), tags.get(m.step, ()))
                 for m in manifests]
-
-    def _best_tags(self, manifests: Sequence[Manifest]) -> dict[int, tuple[str, ...]]:
-        out: dict[int, tuple[str, ...]] = {}
-        if self.retention is None:
-            return out
-        for metric in self.retention.metrics:
-            step = self.retention.best_step(manifests, metric)
-            if step is not None:
-                out[step] = (*out.get(step, ()), f"best:{metric}")
-        return out
 
     # -- releases ------------------------------------------------------------------------
     def release(self, source: int | str | TrainState, *, version: str,
@@ -758,17 +769,13 @@ class CheckpointManager:
         return [select(manifests, step, self.root)]
 
     def _best(self, manifests: Sequence[Manifest], which: str) -> Manifest:
-        metric = which.split(":", 1)[1] if ":" in which else None
-        policy = self.retention
-        if metric is None and (policy is None or policy.primary_metric is None):
-            raise ConfigError('restore(which="best") needs Retention(best_metric=...) '
-                              'or which="best:<metric>"')
-        if policy is None:
-            policy = Retention(best_metric=metric)
-        step = policy.best_step(manifests, metric)
+        found = best_step_for(manifests, which.split(":", 1)[1] if ":" in which else None, self.retention)
+        if found is None:
+            raise ConfigError('restore(which="best") needs Retention(best_metric=...), checkpoints '
+                              'that recorded the metric their retention ranked by, or which="best:<metric>"')
+        metric, step = found
         if step is None:
-            raise CheckpointNotFoundError(f"with metric {metric or policy.primary_metric!r}",
-                                          self.root, [m.step for m in manifests])
+            raise CheckpointNotFoundError(f"with metric {metric!r}", self.root, [m.step for m in manifests])
         return next(m for m in manifests if m.step == step)
 
     def _restore_path(self, state: TrainState, path: str, *, initial: bool = False, **load: Any) -> int:

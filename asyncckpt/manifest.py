@@ -124,6 +124,12 @@ class Manifest:
     restore of an older checkpoint, then a save) starts a new one.  None in older manifests."""
     parent: int | None = None
     """Lineage: the step the run that wrote this checkpoint restored, or None (a fresh start)."""
+    rank_metric: str | None = None
+    """The metric the writing manager's retention ranked by (its primary ``best_metric``), so
+    ``"best"`` means the same to a reader without a policy; None when it ranked by none (and in
+    older manifests).  Written only when set: older readers ignore it."""
+    rank_mode: str | None = None
+    """``"min"`` or ``"max"``: how ``rank_metric`` was ranked; None with no ``rank_metric``."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -152,7 +158,8 @@ class Manifest:
             "branch": self.branch,
             "parent": self.parent,
             "files": [f.to_dict() for f in self.files],
-        }
+            **({} if self.rank_metric is None else {"rank_metric": self.rank_metric,
+                                                    "rank_mode": self.rank_mode})}
 
     def to_json(self) -> str:
         return json.dumps(seal(self.to_dict()), indent=1, allow_nan=False) + "\n"
@@ -228,6 +235,7 @@ def _parse(raw: dict[str, Any], source: str) -> Manifest:
             milestones_reached=tuple(sorted(_milestone_list(raw.get("milestones_reached")))),
             branch=_opt_branch(raw.get("branch")),
             parent=_opt_parent(raw.get("parent")),
+            **_ranking(raw.get("rank_metric"), raw.get("rank_mode")),
         )
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CorruptCheckpointError(source, "a valid manifest", "malformed field", str(e)) from e
@@ -254,6 +262,15 @@ def _opt_parent(v: Any) -> int | None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _MAX_STEP):
         raise ValueError(f"parent must be a step number or null, got {v!r}")
     return v
+
+
+def _ranking(metric: Any, mode: Any) -> dict[str, str | None]:
+    if metric is None and mode is None:
+        return {"rank_metric": None, "rank_mode": None}
+    if not isinstance(metric, str) or not metric or mode not in ("min", "max"):
+        raise ValueError(f"rank_metric must be a metric name and rank_mode 'min' or 'max', got "
+                         f"{metric!r} and {mode!r}")
+    return {"rank_metric": metric, "rank_mode": mode}
 
 
 def _opt_int(v: Any) -> int | None:

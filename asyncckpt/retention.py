@@ -124,6 +124,62 @@ def rank_by_metric(items: Iterable[RetentionItem], metric: str, mode: str) -> tu
     return tuple(step for _, _, step in scored)
 
 
+def ranking_for(metric: str | None, policy: "Retention | None",
+                items: Iterable[RetentionItem]) -> tuple[str, str] | None:
+    """The ``(metric, mode)`` that ``"best"`` (``metric`` None) or ``"best:<metric>"`` ranks by.
+
+    The policy's own first: its primary metric, and its mode for a metric it names.  Without
+    one (an evaluation script's manager), what the checkpoints recorded: the ``rank_metric``
+    of the newest item that has one, and for a metric, the ``rank_mode`` the newest item
+    ranking by it recorded (items without these attributes record nothing).  A metric that
+    neither names ranks by the policy's ``best_mode`` (a single one), else ``DEFAULT_MODE``.
+    None: ``"best"`` with no metric anywhere to rank by.
+    """
+    recorded: dict[str, str] = {}
+    newest = None
+    for item in sorted(items, key=lambda i: i.step):
+        name = getattr(item, "rank_metric", None)
+        if name:
+            newest, recorded[name] = name, getattr(item, "rank_mode", None) or DEFAULT_MODE
+    own = policy.metrics if policy is not None else ()
+    if metric is None:
+        metric = own[0] if own else newest
+        if metric is None:
+            return None
+    if metric in own or (policy is not None and metric not in recorded):
+        return metric, policy.mode_for(metric)  # type: ignore[union-attr]
+    return metric, recorded.get(metric, DEFAULT_MODE)
+
+
+def best_step_for(items: Iterable[RetentionItem], metric: str | None,
+                  policy: "Retention | None") -> tuple[str, int | None] | None:
+    """The metric ``ranking_for`` chose and the best step by it (None when no item has a finite
+    value); None when there is no metric to rank by.  Ties prefer the newer step."""
+    items = list(items)
+    rule = ranking_for(metric, policy, items)
+    if rule is None:
+        return None
+    ranked = rank_by_metric(items, *rule)
+    return rule[0], (ranked[0] if ranked else None)
+
+
+def best_tags(items: Iterable[RetentionItem], policy: "Retention | None",
+              metrics: Sequence[str] | None = None) -> dict[int, tuple[str, ...]]:
+    """``{step: ("best:<metric>", ...)}`` for the best step of each of ``metrics`` (default:
+    the policy's metrics, or else the one the newest checkpoints recorded), as ``list`` shows."""
+    items = list(items)
+    if metrics is None:
+        metrics = policy.metrics if policy is not None and policy.metrics else ()
+        rule = ranking_for(None, policy, items) if not metrics else None
+        metrics = (rule[0],) if rule is not None else metrics
+    out: dict[int, tuple[str, ...]] = {}
+    for metric in metrics:
+        found = best_step_for(items, metric, policy)
+        if found is not None and found[1] is not None:
+            out[found[1]] = (*out.get(found[1], ()), f"best:{metric}")
+    return out
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -383,7 +383,10 @@ def auto_interval_steps(
 
 
 def size_category(dataset_tokens: int) -> str:
-    """"small" below 10M tokens, "medium" below 25M, "large" up to 50M inclusive, else "xlarge"."""
+    """"small" below 10M tokens, "medium" below 25M, "large" up to 50M inclusive, else "xlarge".
+
+    The bounds are the original requirements' (and what ``plan_checkpoints`` has always used):
+    changing them would silently change the plan of every config that gives ``dataset_tokens``."""
     _check_int("dataset_tokens", dataset_tokens, 0)
     if dataset_tokens < 10_000_000:
         return "small"
@@ -407,20 +410,68 @@ def parse_targets(text: str) -> dict[str, int]:
     return out
 
 
-def _merged_targets(targets: Mapping[str, int] | str | None) -> dict[str, int]:
+def _merged_targets(targets: Mapping[str, int] | str | None,
+                    base: Mapping[str, int] = DEFAULT_TARGETS) -> dict[str, int]:
     given = parse_targets(targets) if isinstance(targets, str) else dict(targets or {})
     for name, count in given.items():
         if name not in SIZE_CATEGORIES or not _is_int(count) or not 0 <= count <= MAX_PLANNED_STEPS:
             expected = f"a mapping from {'/'.join(SIZE_CATEGORIES)} to ints in [0, {MAX_PLANNED_STEPS}]"
             raise ConfigError.field("targets", targets, expected)
-    return {**DEFAULT_TARGETS, **given}
+    return {**base, **given}
+
+
+def check_target_table(name: str, table: object) -> dict[str, int]:
+    """``table`` as a dict when it maps each of ``SIZE_CATEGORIES`` (all of them, nothing else)
+    to an int in [0, ``MAX_PLANNED_STEPS``]; else ``ConfigError`` naming ``name`` and the value."""
+    expected = f"a mapping from each of {'/'.join(SIZE_CATEGORIES)} to an int in [0, {MAX_PLANNED_STEPS}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError.field(name, table, expected)
+    for key, count in table.items():
+        if key not in SIZE_CATEGORIES:
+            raise ConfigError(f"{name}: unknown size category {key!r} (={count!r}); expected "
+                              f"{', '.join(SIZE_CATEGORIES)}")
+        if not _is_int(count) or not 0 <= count <= MAX_PLANNED_STEPS:
+            raise ConfigError.field(f"{name}.{key}", count, f"an integer in [0, {MAX_PLANNED_STEPS}]")
+    missing = [c for c in SIZE_CATEGORIES if c not in table]
+    if missing:
+        raise ConfigError.field(name, dict(table), f"{expected}; missing {', '.join(missing)}")
+    return dict(table)
+
+
+def choose_target(
+    target: int | Mapping[str, int] | None,
+    dataset_tokens: int | None,
+    targets: Mapping[str, int] | str | None = None,
+) -> tuple[int | None, str | None]:
+    """The number of checkpoints a plan aims at and the size category that chose it.
+
+    An int ``target`` is the answer (category None).  Otherwise the category of
+    ``dataset_tokens`` picks from ``DEFAULT_TARGETS``, overridden by a ``target``
+    mapping (every category, see ``check_target_table``), overridden in turn by the
+    partial ``targets`` (``--targets``).  Neither ``target`` nor ``dataset_tokens``:
+    ``(None, None)``, the forced steps only.  A mapping without ``dataset_tokens``
+    is a ``ConfigError``: nothing says which category applies.
+    """
+    if target is not None and not isinstance(target, Mapping):
+        _merged_targets(targets)  # still checked: a bad --targets is an error either way
+        _check_int("target", target, 0, MAX_PLANNED_STEPS)
+        return target, None
+    table = check_target_table("target", target) if target is not None else DEFAULT_TARGETS
+    merged = _merged_targets(targets, table)
+    if dataset_tokens is None:
+        if target is not None:
+            raise ConfigError(f"target={dict(table)!r} picks the target by dataset size category: "
+                              "dataset_tokens (the dataset's size in tokens) is needed")
+        return None, None
+    category = size_category(dataset_tokens)
+    return merged[category], category
 
 
 def plan_checkpoints(
     total_steps: int,
     steps_per_epoch: int,
     *,
-    target: int | None = None,
+    target: int | Mapping[str, int] | None = None,
     dataset_tokens: int | None = None,
     targets: Mapping[str, int] | str | None = None,
     log_steps_first_epoch: bool = True,
@@ -436,9 +487,10 @@ def plan_checkpoints(
     other step and from 0; once the largest gap is too small for that, no gap
     can take one and the plan stops short of ``target``.
 
-    The target is ``target`` if given, else ``targets`` (merged over
-    ``DEFAULT_TARGETS``) for ``size_category(dataset_tokens)`` if
-    ``dataset_tokens`` is given, else the number of forced steps.
+    The target is ``choose_target(target, dataset_tokens, targets)``: an int
+    ``target``; else, with ``dataset_tokens``, the count for its
+    ``size_category`` in ``targets`` over a ``target`` mapping (all four
+    categories) over ``DEFAULT_TARGETS``; else the number of forced steps.
     """
     _check_int("total_steps", total_steps, 1, MAX_STEP)
     _check_int("steps_per_epoch", steps_per_epoch, 1)
@@ -448,13 +500,8 @@ def plan_checkpoints(
                                 f"epoch end is a planned step, at most {MAX_PLANNED_STEPS:,} of them)")
     _check_int("min_interval", min_interval, 1)
     chosen = _forced_steps(total_steps, steps_per_epoch, log_steps_first_epoch)
-    merged = _merged_targets(targets)
-    if target is not None:
-        _check_int("target", target, 0, MAX_PLANNED_STEPS)
-        goal = target
-    elif dataset_tokens is not None:
-        goal = merged[size_category(dataset_tokens)]
-    else:
+    goal, _ = choose_target(target, dataset_tokens, targets)
+    if goal is None:
         goal = len(chosen)
     return sorted(chosen + _fill_gaps(chosen, goal - len(chosen), min_interval))
 

@@ -13,6 +13,7 @@ from asyncckpt.config import (
     load_yaml_text,
     options_from_dict,
     plan_request,
+    resolve_root,
     with_checkpoint_schedule,
 )
 from asyncckpt.errors import ConfigError
@@ -401,3 +402,94 @@ def test_bad_metric_options_from_yaml_are_config_errors(retention: dict, quoted:
     with pytest.raises(ConfigError) as info:
         options_from_dict({"checkpoint": {"root": "r", "retention": retention}}, "x.yaml")
     assert str(info.value).startswith("x.yaml: checkpoint.retention: ") and quoted in str(info.value)
+
+
+# ---------------------------------------------------------------- target_checkpoints by size category
+SIZES = {"small": 20, "medium": 50, "large": 100, "xlarge": 200}
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (9_999_999, (20, "small dataset, training.target_checkpoints.small")),
+        (12_000_000, (50, "medium dataset, training.target_checkpoints.medium")),
+        (50_000_000, (100, "large dataset, training.target_checkpoints.large")),
+        (10**11, (200, "xlarge dataset, training.target_checkpoints.xlarge")),
+    ],
+)
+def test_target_checkpoints_mapping_picks_by_dataset_tokens(tokens: int, expected: tuple) -> None:
+    req = plan_request({"training": {"total_steps": 100_000, "dataset_tokens": tokens,
+                                     "target_checkpoints": {**SIZES, "small": 20.0}}}, "x.yaml")
+    assert req.target == SIZES
+    assert req.target_for() == expected
+    assert len(req.plan()) == expected[0]
+    category = expected[1].split()[0]
+    assert req.target_for({category: 3}) == (3, f"{category} dataset")  # --targets wins
+
+
+@pytest.mark.parametrize(
+    ("training", "quoted"),
+    [
+        ({"target_checkpoints": {**SIZES, "huge": 5}},
+         "x.yaml: training.target_checkpoints: unknown size category 'huge' (=5); expected small, "
+         "medium, large, xlarge"),
+        ({"target_checkpoints": {"small": 1, "large": 2}},
+         "x.yaml: training.target_checkpoints={'small': 1, 'large': 2} is not valid: expected a mapping "
+         "from each of small/medium/large/xlarge to an int in [0, 1000000]; missing medium, xlarge"),
+        ({"target_checkpoints": {**SIZES, "medium": "50"}},
+         "x.yaml: training.target_checkpoints.medium='50' is not valid: expected an integer in [0, 1000000]"),
+        ({"target_checkpoints": {**SIZES, "medium": 2.5}}, "x.yaml: training.target_checkpoints.medium=2.5"),
+        ({"target_checkpoints": {**SIZES, "medium": None}}, "x.yaml: training.target_checkpoints.medium=None"),
+        ({"target_checkpoints": {**SIZES, "xlarge": -3}}, "x.yaml: training.target_checkpoints.xlarge=-3"),
+        ({"target_checkpoints": {**SIZES, 1: 3}}, "x.yaml: training.target_checkpoints: unknown size category 1"),
+        ({"target_checkpoints": {}}, "missing small, medium, large, xlarge"),
+        ({"target_checkpoints": [20, 50]}, "x.yaml: training.target_checkpoints=[20, 50] is not valid"),
+        ({"target_checkpoints": SIZES},
+         "x.yaml: training.target_checkpoints={'small': 20, 'medium': 50, 'large': 100, 'xlarge': 200} "
+         "picks the target by dataset size category: training.dataset_tokens (the dataset's size in "
+         "tokens) is needed"),
+        ({"target_checkpoints": SIZES, "dataset_path": "data/train.bin"},
+         "is needed (training.dataset_path is given, but its size in tokens depends on the file "
+         "format and the tokenizer: asyncckpt does not guess it)"),
+    ],
+)
+def test_target_checkpoints_mapping_rejects(training: dict, quoted: str) -> None:
+    config = {"training": {"total_steps": 1000, **training, "auto_generate_checkpoints": True},
+              "checkpoint": {"root": "r"}}
+    for call in (lambda: plan_request(config, "x.yaml"), lambda: options_from_dict(config, "x.yaml")):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert quoted in str(info.value)
+
+
+def test_target_checkpoints_mapping_gives_from_config_its_plan() -> None:
+    training = {"total_steps": 10_000, "steps_per_epoch": 1000, "dataset_tokens": 30_000_000,
+                "target_checkpoints": {**SIZES, "large": 25}, "auto_generate_checkpoints": True}
+    _, options = options_from_dict({"training": training, "checkpoint": {"root": "r"}})
+    assert options.schedule.at_steps == tuple(plan_checkpoints(10_000, 1000, target=25))
+
+
+# ---------------------------------------------------------------- checkpoint.root relative to the file
+@pytest.mark.parametrize(
+    ("root", "base", "expected"),
+    [
+        ("runs/ckpt", "/etc/exp", "/etc/exp/runs/ckpt"),
+        ("./ckpt", "/etc/exp", "/etc/exp/./ckpt"),
+        ("../ckpt", "/etc/exp", "/etc/exp/../ckpt"),
+        ("runs/ckpt", None, "runs/ckpt"),                  # a dict config: the working directory
+        ("/abs/ckpt", "/etc/exp", "/abs/ckpt"),
+        ("~/ckpt", "/etc/exp", "~/ckpt"),
+        ("s3://bucket/run", "/etc/exp", "s3://bucket/run"),
+        ("file:///data/run", "/etc/exp", "file:///data/run"),
+        ("memory://run", "/etc/exp", "memory://run"),
+    ],
+)
+def test_resolve_root(root: str, base: str | None, expected: str) -> None:
+    assert resolve_root(root, base) == expected
+
+
+def test_options_from_dict_resolves_the_files_root_not_an_override() -> None:
+    config = {"checkpoint": {"root": "runs/ckpt"}}
+    assert options_from_dict(config, "x.yaml", base_dir="/etc/exp")[0] == "/etc/exp/runs/ckpt"
+    assert options_from_dict(config, "x.yaml")[0] == "runs/ckpt"
+    assert options_from_dict(config, "x.yaml", {"root": "other"}, base_dir="/etc/exp")[0] == "other"

@@ -61,3 +61,38 @@ def test_readme_schedule_example_prints_what_the_readme_shows(tmp_path):
                          text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == shown
+
+
+def test_readme_use_snippet_runs_and_logs_no_warning(tmp_path, monkeypatch, caplog):
+    """The "Use" snippet, pasted as is after the few names it assumes, saves by its schedule,
+    keeps by its retention, and logs no warning (its best_metric is one it reports)."""
+    import logging
+
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    readme = (DOCS.parent / "README.md").read_text()
+    snippet = _fenced(readme[readme.index("## Use"):], "python")[0]
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    batches = iter(())
+    loader = StatefulDataLoader(data, batch_size=8, shuffle=True)
+
+    def train_step() -> float:
+        nonlocal batches
+        x, y = next(batches, None) or next(batches := iter(loader))
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    names = {"model": model, "opt": opt, "loader": loader, "train_step": train_step, "total": 1600,
+             "sched": torch.optim.lr_scheduler.StepLR(opt, step_size=100)}
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="asyncckpt")
+    exec(compile(snippet, "README.md (Use)", "exec"), names)
+    kept = {int(p.name[5:]) for p in (tmp_path / "runs" / "exp1" / "ckpt").glob("step-*")}
+    assert {1000, 1500, 1600} <= kept <= {500, 1000, 1500, 1600}     # keep_last=3 and the best
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("asyncckpt")] == []

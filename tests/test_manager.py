@@ -644,6 +644,32 @@ def test_maybe_save_does_nothing_unless_forced(mgr):
     assert "epoch_end" in mgr.list()[0].tags
 
 
+@pytest.mark.parametrize("blocking", [True, False])  # committed, or still in flight
+def test_forced_maybe_save_of_a_step_save_took_does_not_save_it_again(mgr, caplog, blocking):
+    state = TrainState(model=_net())
+    first = mgr.save(5, state, metrics={"loss": 1.0}, blocking=blocking)
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    assert mgr.maybe_save(5, state, force=True, metrics={"loss": 9.0}) is None   # used to raise
+    assert first.result().step == 5
+    assert [(i.step, i.metrics) for i in mgr.list()] == [(5, {"loss": 1.0})]   # the first save's
+    said = [r for r in caplog.records if "already saved in this run" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG] and said[0].getMessage().startswith("step=5 ")
+    assert mgr.maybe_save(6, state, force=True).result().step == 6             # other steps still save
+    with pytest.raises(CheckpointExistsError):
+        mgr.save(5, state)                                                     # save() itself refuses
+
+
+def test_a_step_whose_blocking_save_failed_can_be_forced_again(tmp_path, faulty_fs):
+    with CheckpointManager(faulty_fs.url(tmp_path / "ckpt")) as mgr:
+        state = TrainState(model=_net())
+        faulty_fs.fail_on_write(1)
+        with pytest.raises(SaveError):
+            mgr.save(3, state, blocking=True)
+        faulty_fs.disarm()
+        assert mgr.maybe_save(3, state, force=True).result().step == 3   # not committed: saved now
+        assert _steps(mgr) == [3]
+
+
 # -- plain DCP can read an uncompressed checkpoint -------------------------------------------------
 
 def _plain_checkpoint(tmp_path):

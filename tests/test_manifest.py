@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -48,7 +49,9 @@ manifests = st.builds(
     milestones_reached=st.lists(st.integers(1, 10**13), unique=True, max_size=4).map(
         lambda xs: tuple(sorted(xs))),
     branch=st.none() | st.from_regex(r"[0-9a-f]{1,32}", fullmatch=True),
-    parent=st.none() | steps)
+    parent=st.none() | steps,
+).flatmap(lambda m: (st.just((None, None)) | st.tuples(texts.filter(bool), st.sampled_from(["min", "max"])))
+          .map(lambda r: dataclasses.replace(m, rank_metric=r[0], rank_mode=r[1])))
 
 
 @settings(max_examples=200, deadline=None)
@@ -274,3 +277,29 @@ def test_manifest_without_lineage_reads_with_defaults():
     """Manifests written before lineage (no ``branch``/``parent``) stay readable."""
     m = Manifest.from_json(_raw(branch=_DROP, parent=_DROP), SOURCE)
     assert (m.branch, m.parent, m.format_version) == (None, None, 1)
+
+
+# -- what retention ranked by -------------------------------------------------------------------
+
+def test_ranking_fields_round_trip_and_are_written_only_when_set():
+    ranked = Manifest(step=7, metrics={"val_loss": 0.5}, rank_metric="val_loss", rank_mode="max")
+    raw = json.loads(ranked.to_json())
+    assert (raw["rank_metric"], raw["rank_mode"]) == ("val_loss", "max")
+    assert Manifest.from_json(ranked.to_json()) == ranked
+    assert "rank_metric" not in Manifest(step=7).to_json()  # unranked: the same bytes as before
+
+
+def test_manifest_without_ranking_reads_with_defaults():
+    """Manifests written before the ranking fields stay readable; None means none recorded."""
+    m = Manifest.from_json(_raw(), SOURCE)
+    assert (m.rank_metric, m.rank_mode) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("val_loss", None), (None, "min"), ("val_loss", "lowest"), ("", "min"), (3, "min"),
+     (["val_loss"], "max"), ("val_loss", 1)],
+)
+def test_malformed_ranking_fields_are_corrupt(metric, mode):
+    with pytest.raises(CorruptCheckpointError, match="rank_metric must be a metric name"):
+        Manifest.from_json(_raw(rank_metric=metric, rank_mode=mode), SOURCE)

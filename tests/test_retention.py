@@ -16,8 +16,11 @@ from asyncckpt.retention import (
     Retention,
     RetentionItem,
     RetentionPlan,
+    best_step_for,
+    best_tags,
     metric_mode,
     rank_by_metric,
+    ranking_for,
 )
 
 NAN = float("nan")
@@ -468,3 +471,59 @@ def test_a_metric_value_that_is_not_a_finite_float_never_ranks(value) -> None:
                         Item(step=3, metrics={"loss": value}), Item(step=4, metrics={"loss": value})])
     assert plan.best == {"loss": (1,)} and plan.delete == (2,)
     assert plan.missing_metric == ((2, "loss"), (3, "loss"), (4, "loss"))
+
+
+# -- what "best" ranks by: the policy's, else what the checkpoints recorded ------------------------
+
+@dataclass(frozen=True)
+class Ranked:
+    step: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    rank_metric: str | None = None
+    rank_mode: str | None = None
+
+
+OLD = Ranked(step=1, metrics={"loss": 3.0, "acc": 0.2})                       # before the fields
+BY_ACC = Ranked(step=2, metrics={"loss": 1.0, "acc": 0.9}, rank_metric="acc", rank_mode="max")
+BY_LOSS = Ranked(step=3, metrics={"loss": 2.0, "acc": 0.1}, rank_metric="loss", rank_mode="min")
+BY_ACC_MIN = Ranked(step=4, metrics={"loss": 5.0, "acc": 0.05}, rank_metric="acc", rank_mode="min")
+
+
+@pytest.mark.parametrize(
+    ("metric", "policy", "ranked", "expected"),
+    [
+        (None, None, [OLD], None),                                   # nothing to rank by
+        (None, Retention(keep_last=2), [OLD], None),                 # a policy without a metric
+        (None, None, [OLD, BY_ACC], ("acc", "max")),                 # recorded
+        (None, None, [BY_ACC, BY_LOSS], ("loss", "min")),            # the newest record wins
+        (None, None, [BY_LOSS, BY_ACC], ("loss", "min")),            # ... by step, not list order
+        ("acc", None, [BY_ACC], ("acc", "max")),                     # best:acc: the recorded mode
+        ("acc", None, [BY_ACC, BY_LOSS], ("acc", "max")),            # ... of the newest ranking by it
+        ("acc", None, [BY_ACC, BY_ACC_MIN], ("acc", "min")),
+        ("f1", None, [BY_ACC], ("f1", "min")),                       # never recorded: min
+        ("acc", None, [OLD], ("acc", "min")),
+        (None, Retention(best_metric="loss"), [BY_ACC], ("loss", "min")),  # the policy first
+        ("acc", Retention(best_metric="loss"), [BY_ACC], ("acc", "max")),  # a metric it does not name
+        ("acc", Retention(best_metric="acc", best_mode="min"), [BY_ACC], ("acc", "min")),
+        ("f1", Retention(best_metric="loss", best_mode="max"), [BY_ACC], ("f1", "max")),  # as before
+        (None, Retention(keep_last=2), [BY_ACC], ("acc", "max")),
+    ],
+)
+def test_ranking_for(metric, policy, ranked, expected):
+    assert ranking_for(metric, policy, ranked) == expected
+
+
+def test_best_step_for_and_best_tags_follow_the_ranking():
+    ranked = [OLD, BY_ACC, BY_LOSS]
+    assert best_step_for(ranked, None, None) == ("loss", 2)          # loss: 3.0, 1.0, 2.0
+    assert best_step_for(ranked, "acc", None) == ("acc", 2)
+    assert best_step_for(ranked, "f1", None) == ("f1", None)
+    assert best_step_for([OLD], None, None) is None
+    assert best_tags(ranked, None) == {2: ("best:loss",)}
+    assert best_tags([OLD], None) == {}
+    assert best_tags(ranked, None, ["acc", "loss"]) == {2: ("best:acc", "best:loss")}
+    assert best_tags([*ranked, BY_ACC_MIN], None, ["acc"]) == {4: ("best:acc",)}  # recorded min now
+    policy = Retention(best_metric=["acc", "loss"], best_mode={"acc": "min"})
+    assert best_tags(ranked, policy) == {3: ("best:acc",), 2: ("best:loss",)}
+    assert best_tags(items(3, loss=lambda s: -s), None) == {}     # plain items record nothing

@@ -206,18 +206,28 @@ def test_readers_right_after_save_never_fail_on_the_retention_in_flight(tmp_path
     assert failures == [], f"{len(failures)} of 200: {failures[:3]}"
 
 
-def test_missing_metric_warns_once_per_step_and_never_crashes(tmp_path, caplog):
-    policy = Retention(keep_last=1, keep_best=1, best_metric="val_loss")
+def test_missing_metric_warns_once_per_manager_and_metric_and_never_crashes(tmp_path, caplog):
+    policy = Retention(keep_last=1, keep_best=1, best_metric=["val_loss", "acc"], best_mode={"acc": "max"})
+    saves = {1: {"val_loss": 1.0, "acc": 0.1}, 2: {"loss": 1.0, "acc": 0.2}, 3: {"val_loss": 3.0},
+             4: {"loss": 1.0}, 5: {"val_loss": 5.0, "acc": 0.3}, 6: {"loss": 1.0}}
     with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:
-        caplog.set_level(logging.WARNING, logger="asyncckpt")
-        for step in range(1, 7):
-            metrics = {"val_loss": float(step)} if step in (1, 3, 5) else {"loss": 1.0}
+        caplog.set_level(logging.DEBUG, logger="asyncckpt")
+        for step, metrics in saves.items():
             _save(mgr, step, metrics=metrics, blocking=True)
         mgr.wait()
         assert _steps(mgr) == [1, 5, 6]
-    warned = [r for r in caplog.records if "val_loss" in r.getMessage()]
-    assert [r.getMessage().split(" ")[0] for r in warned] == ["step=2", "step=4", "step=6"]
-    assert all(r.levelno == logging.WARNING for r in warned)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "no finite value of metric" in r.getMessage()]
+    warned = [m for level, m in said if level == logging.WARNING]
+    assert [m.split(" ")[0] for m in warned] == ["step=2", "step=3"]   # val_loss first missed, then acc
+    assert "metric 'val_loss'," in warned[0] and "metric 'acc'," in warned[1]
+    assert all("said once per metric" in m for m in warned)
+    assert [m.split(" ")[0] for level, m in said if level == logging.DEBUG] == ["step=4", "step=6"]
+    with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:  # a new manager warns anew
+        caplog.clear()
+        _save(mgr, 7, metrics={"acc": 0.5}, blocking=True)
+        mgr.wait()
+    assert [r.getMessage().split(" ")[0] for r in caplog.records
+            if r.levelno == logging.WARNING and "'val_loss'" in r.getMessage()] == ["step=7"]
 
 
 def test_explicit_prune_dry_run_and_other_policy(tmp_path, caplog):
@@ -270,6 +280,83 @@ def test_restore_best_needs_a_metric(tmp_path):
         with pytest.raises(ConfigError, match="best_metric"):
             mgr.restore(_state(), "best")
         assert mgr.restore(_state(), "best:loss") == 1  # by name, without a retention
+
+
+def _ranked_root(tmp_path, policy):
+    """Steps 1..10 with LOSS and ACC, saved by a manager with ``policy``; the root."""
+    with CheckpointManager(tmp_path / "ckpt", retention=policy) as mgr:
+        for step in range(1, 11):
+            _save(mgr, step, metrics={"loss": LOSS[step], "acc": ACC[step]})
+    return tmp_path / "ckpt"
+
+
+def test_manifests_record_what_retention_ranks_by(tmp_path):
+    root = _ranked_root(tmp_path, Retention(keep_best=1, best_metric=["acc", "loss"], best_mode={"acc": "max"}))
+    assert {(m.rank_metric, m.rank_mode) for m in list_committed(Storage(root))} == {("acc", "max")}
+    with CheckpointManager(tmp_path / "plain") as mgr:
+        _save(mgr, 1, metrics={"loss": 1.0}, blocking=True)
+    assert [(m.rank_metric, m.rank_mode) for m in list_committed(Storage(tmp_path / "plain"))] == [(None, None)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "which", "step"),
+    [
+        (Retention(keep_best=1, best_metric="acc", best_mode="max"), "best", 5),     # recorded max
+        (Retention(keep_best=1, best_metric="acc", best_mode="max"), "best:acc", 5),
+        (Retention(keep_best=1, best_metric="acc", best_mode="max"), "best:loss", 4),  # not recorded: min
+        (Retention(keep_best=1, best_metric="acc", best_mode="min"), "best", 2),
+        (Retention(keep_best=1, best_metric="loss", best_mode="max"), "best", 10),
+        (Retention(keep_best=1, best_metric="loss", best_mode="max"), "best:loss", 10),
+        (Retention(best_metric="loss"), "best", 4),                                  # keep_best=0 too
+    ],
+)
+def test_a_manager_without_a_policy_restores_the_best_the_checkpoints_recorded(tmp_path, policy, which, step):
+    root = _ranked_root(tmp_path, policy)
+    with CheckpointManager(root, lease=False) as reader:                 # an evaluation script's
+        state = _state(0)
+        assert reader.restore(state, which) == step and _params(state.models["model"]) == float(step)
+        if which == "best":  # list() marks the same one
+            assert [i.step for i in reader.list() if f"best:{policy.primary_metric}" in i.tags] == [step]
+
+
+def test_list_marks_the_recorded_best_and_a_policy_still_wins(tmp_path):
+    root = _ranked_root(tmp_path, Retention(keep_best=1, best_metric="acc", best_mode="max"))
+    with CheckpointManager(root, lease=False) as reader:
+        assert [i.step for i in reader.list() if "best:acc" in i.tags] == [5]
+        assert not any("best:loss" in i.tags for i in reader.list())
+    with CheckpointManager(root, lease=False, retention=Retention(best_metric="loss")) as other:
+        assert other.restore(_state(0), "best") == 4
+        assert [i.step for i in other.list() if i.tags and i.tags[-1].startswith("best:")] == [4]
+
+
+@pytest.mark.parametrize(
+    ("args", "tagged"),
+    [
+        ([], {5: "best:acc"}),                                   # as the checkpoints recorded
+        (["--metric", "acc"], {5: "best:acc"}),                  # the recorded mode: max
+        (["--metric", "acc", "--mode", "min"], {2: "best:acc"}),
+        (["--metric", "loss"], {4: "best:loss"}),                # never recorded: min
+        (["--metric", "loss", "--mode", "max"], {10: "best:loss"}),
+    ],
+)
+def test_cli_list_marks_the_best_as_recorded(tmp_path, args, tagged):
+    import json
+
+    root = _ranked_root(tmp_path, Retention(keep_best=1, best_metric="acc", best_mode="max"))
+    out = subprocess.run([sys.executable, "-m", "asyncckpt", "list", str(root), "--json", *args],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    marked = {row["step"]: t for row in json.loads(out.stdout) for t in row["tags"] if t.startswith("best:")}
+    assert marked == tagged
+
+
+def test_restore_best_of_old_checkpoints_without_a_policy_still_needs_a_metric(tmp_path):
+    with CheckpointManager(tmp_path / "ckpt", retention=Retention(keep_last=3)) as mgr:  # no best_metric
+        _save(mgr, 1, metrics={"loss": 1.0}, blocking=True)
+    with CheckpointManager(tmp_path / "ckpt", lease=False) as reader:
+        with pytest.raises(ConfigError, match="recorded the metric their retention ranked by"):
+            reader.restore(_state(), "best")
+        assert reader.restore(_state(), "best:loss") == 1
 
 
 # -- garbage collection and crash safety ---------------------------------------------------------

@@ -15,6 +15,7 @@ from asyncckpt.schedule import (
     Schedule,
     ScheduleState,
     auto_interval_steps,
+    choose_target,
     format_params,
     parse_milestones,
     parse_targets,
@@ -605,3 +606,54 @@ def test_the_largest_step_and_plan_are_accepted() -> None:
     assert Schedule(at_steps=[MAX_STEP]).at_steps == (MAX_STEP,)
     assert plan_checkpoints(MAX_STEP, MAX_STEP, log_steps_first_epoch=False) == [MAX_STEP]
     assert len(plan_checkpoints(MAX_PLANNED_STEPS, 1, log_steps_first_epoch=False)) == MAX_PLANNED_STEPS
+
+
+# ---------------------------------------------------------------- target per size category
+TABLE = {"small": 3, "medium": 5, "large": 7, "xlarge": 9}
+
+
+@pytest.mark.parametrize(
+    ("target", "tokens", "targets", "expected"),
+    [
+        (12, None, None, (12, None)),                       # an int wins, whatever the size
+        (12, 10**12, {"xlarge": 1}, (12, None)),
+        (None, None, None, (None, None)),                   # forced steps only
+        (None, 9_999_999, None, (20, "small")),             # DEFAULT_TARGETS
+        (TABLE, 0, None, (3, "small")),
+        (TABLE, 10_000_000, None, (5, "medium")),
+        (TABLE, 50_000_000, None, (7, "large")),
+        (TABLE, 50_000_001, None, (9, "xlarge")),
+        (TABLE, 30_000_000, {"large": 2}, (2, "large")),    # --targets over the mapping
+        (TABLE, 30_000_000, "medium:1", (7, "large")),      # ... only for the categories it names
+        ({**TABLE, "large": 0}, 30_000_000, None, (0, "large")),
+    ],
+)
+def test_choose_target(target, tokens, targets, expected) -> None:
+    assert choose_target(target, tokens, targets) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "tokens", "quoted"),
+    [
+        ({**TABLE, "huge": 1}, 10, "target: unknown size category 'huge' (=1); expected small, medium"),
+        ({"small": 1}, 10, "target={'small': 1} is not valid: expected a mapping from each of "
+                           "small/medium/large/xlarge to an int in [0, 1000000]; missing medium, large, xlarge"),
+        ({**TABLE, "small": 2.5}, 10, "target.small=2.5 is not valid: expected an integer in [0, 1000000]"),
+        ({**TABLE, "small": True}, 10, "target.small=True is not valid"),
+        ({**TABLE, "large": -1}, 10, "target.large=-1 is not valid"),
+        ({**TABLE, "large": 10**7}, 10, "target.large=10000000 is not valid"),
+        (TABLE, None, "picks the target by dataset size category: dataset_tokens"),
+        ("20", 10, "target='20' is not valid"),
+        (-1, None, "target=-1 is not valid"),
+    ],
+)
+def test_choose_target_rejects(target, tokens, quoted) -> None:
+    with pytest.raises(ConfigError) as info:
+        choose_target(target, tokens)
+    assert quoted in str(info.value)
+
+
+def test_a_target_mapping_plans_like_its_category_count() -> None:
+    by_map = plan_checkpoints(10_000, 1000, target=TABLE, dataset_tokens=30_000_000, min_interval=10)
+    assert by_map == plan_checkpoints(10_000, 1000, target=7, min_interval=10)
+    assert by_map != plan_checkpoints(10_000, 1000, dataset_tokens=30_000_000, min_interval=10)

@@ -117,6 +117,21 @@ BAD_CONFIGS = {
                             "training.steps_per_epoch=10 is not valid"),
     "huge-target": (b"training:\n  total_steps: 1000\n  target_checkpoints: 1e30\n",
                     "training.target_checkpoints='1e30' is not valid"),
+    "target-unknown-category": (b"training:\n  total_steps: 1000\n  dataset_tokens: 10\n"
+                                b"  target_checkpoints: {small: 2, medium: 3, large: 4, xlarge: 5, tiny: 1}\n",
+                                "training.target_checkpoints: unknown size category 'tiny' (=1)"),
+    "target-missing-category": (b"training:\n  total_steps: 1000\n  dataset_tokens: 10\n"
+                                b"  target_checkpoints: {small: 2, medium: 3}\n",
+                                "training.target_checkpoints={'small': 2, 'medium': 3} is not valid: "
+                                "expected a mapping from each of small/medium/large/xlarge to an int in "
+                                "[0, 1000000]; missing large, xlarge"),
+    "target-not-int": (b"training:\n  total_steps: 1000\n  dataset_tokens: 10\n"
+                       b"  target_checkpoints: {small: lots, medium: 3, large: 4, xlarge: 5}\n",
+                       "training.target_checkpoints.small='lots' is not valid: expected an integer"),
+    "target-map-no-tokens": (b"training:\n  total_steps: 1000\n  dataset_path: data/train.bin\n"
+                             b"  target_checkpoints: {small: 2, medium: 3, large: 4, xlarge: 5}\n",
+                             "training.dataset_tokens (the dataset's size in tokens) is needed "
+                             "(training.dataset_path is given"),
     "top-level-list": (b"- 1\n", "is not valid: expected a mapping at the top, found a list"),
     "too-deep": (b"[" * 5000 + b"]" * 5000, "is not valid YAML: nested too deeply"),
 }
@@ -140,3 +155,29 @@ def test_a_config_that_is_a_folder_exits_2(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and out.stderr.strip() == \
         f"asyncckpt schedule: error: config file {str(tmp_path)!r} cannot be read: Is a directory"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "category", "count"),
+    [(9_999_999, "small", 6), (10_000_000, "medium", 8), (50_000_000, "large", 10), (50_000_001, "xlarge", 12)],
+)
+def test_schedule_prints_the_category_and_target_a_mapping_gave(tmp_path: Path, tokens: int,
+                                                                category: str, count: int) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("training:\n  total_steps: 10000\n  steps_per_epoch: 10000\n"
+                    f"  dataset_tokens: {tokens}\n  min_checkpoint_interval: 10\n"
+                    "  log_steps_first_epoch: false\n  target_checkpoints: {small: 6, medium: 8, large: 10, xlarge: 12}\n")
+    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith(f"target: {count} ({category} dataset, "
+                               f"training.target_checkpoints.{category}); ")
+    assert lines[2] == f"plan: {count} checkpoints"
+    assert _schedule(path) == plan_checkpoints(10_000, 10_000, target=count, min_interval=10,
+                                                log_steps_first_epoch=False)
+    again = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(path), "--dry-run",
+                            "--targets", f"{category}:3"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stderr == ""  # no "takes precedence" note for a mapping
+    assert again.stdout.splitlines()[1].startswith(f"target: 3 ({category} dataset); ")

@@ -207,6 +207,20 @@ checkpoint:
         assert mgr.schedule is None and [i.step for i in mgr.list()] == plan[-2:]
 
 
+def test_from_config_resolves_a_relative_root_against_the_files_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "exp" / "train.yaml").write_text("checkpoint:\n  root: runs/ckpt\n  compression: null\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for config in (tmp_path / "exp" / "train.yaml", Path("../exp/train.yaml")):  # the file's path either way
+        with CheckpointManager.from_config(config) as mgr:
+            mgr.save(len(mgr.list()) + 1, _state(), blocking=True)
+    assert sorted(p.name for p in (tmp_path / "exp" / "runs" / "ckpt").glob("step-*")) == \
+        ["step-0000000001", "step-0000000002"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_from_config_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         CheckpointManager.from_config(tmp_path / "missing.yaml")
