@@ -266,7 +266,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("\n".join(_manifest_lines(m, folder.url)))
     rows = []
     for i in items:
-        ratio = f"{i.raw_bytes / i.stored_bytes:.2f}" if i.raw_bytes and i.stored_bytes else ""
+        ratio = f"{i.stored_bytes / i.raw_bytes:.2f}" if i.raw_bytes and i.stored_bytes else ""
         row = [i.key, i.kind, i.dtype or "", _shape(i.shape),
                "" if i.raw_bytes is None else _human(i.raw_bytes), _human(i.stored_bytes), ratio]
         if args.stats:
@@ -274,12 +274,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             row += ["" if st.get(k) is None else f"{st[k]:.4g}" for k in ("min", "max", "mean")]
             row.append(str(st.get("nonfinite", "")))
         rows.append(row)
-    print(_table(rows, ["key", "kind", "dtype", "shape", "bytes", "stored", "ratio"]
+    print(_table(rows, ["key", "kind", "dtype", "shape", "bytes", "stored", "stored/raw"]
                  + (["min", "max", "mean", "nan/inf"] if args.stats else [])))
     tensors = [i for i in items if i.kind == "tensor"]
     raw, stored = sum(i.raw_bytes for i in tensors), sum(i.stored_bytes for i in tensors)
     print(f"{len(tensors)} tensors: {_human(raw)}, {_human(stored)} stored"
-          + (f" (ratio {raw / stored:.2f})" if stored else "") + f"; {len(items) - len(tensors)} "
+          + (f" (stored/raw {stored / raw:.2f})" if stored and raw else "") + f"; {len(items) - len(tensors)} "
           f"objects: {_human(sum(i.stored_bytes for i in items if i.kind == 'object'))} stored")
     return 0
 
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
     sp.set_defaults(func=cmd_export)
     sp = root_cmd("inspect", "show one checkpoint's manifest and its tensors (shape, dtype, bytes, "
-                  "compression ratio); nothing is unpickled")
+                  "stored/raw size ratio); nothing is unpickled")
     sp.add_argument("step", nargs="?", type=int, help="the step (default: latest)")
     sp.add_argument("--stats", action="store_true", help="also read every tensor: min, max, mean, "
                     "NaN/Inf count")
