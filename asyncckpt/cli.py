@@ -45,7 +45,77 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _storage(args: argparse.Namespace) -> Storage:
-    return Storage(args.root, _options(args.storage_option))
+    """The root of ``args``; on a local disk it must be an existing folder (a typo is an
+    error, never an empty root).  An object store cannot tell an empty prefix from a
+    missing one, so there an empty root lists as such."""
+    storage = Storage(args.root, _options(args.storage_option))
+    if storage.is_local and not storage.exists(""):
+        raise AsyncCkptError(f"{storage.url} does not exist")
+    if storage.is_local and storage.isfile():
+        raise AsyncCkptError(f"{storage.url} is a file, not a checkpoint root (a folder of "
+                             "step-N checkpoint folders)")
+    return storage
+
+
+def _retention(args: argparse.Namespace) -> Retention:
+    """The policy of prune's flags; a bad value is named by its flag, not by Retention's field."""
+    checks = [(args.keep_last < 1, f"--keep-last {args.keep_last}", "an integer >= 1"),
+              (args.keep_best < 0, f"--keep-best {args.keep_best}", "an integer >= 0"),
+              (args.keep_best > 0 and not args.metric, f"--keep-best {args.keep_best}",
+               "--metric NAME too (the metric to rank checkpoints by)"),
+              (args.metric == "", "--metric ''", "a metric name"),
+              (args.keep_every is not None and args.keep_every < 1, f"--keep-every {args.keep_every}",
+               "an integer >= 1")]
+    for bad, given, expected in checks:
+        if bad:
+            raise ConfigError(f"{given} is not valid: expected {expected}")
+    return Retention(keep_last=args.keep_last, keep_best=args.keep_best, best_metric=args.metric,
+                     best_mode=args.mode, keep_every_n_steps=args.keep_every,
+                     keep_epoch_ends=args.keep_epoch_ends)
+
+
+def step_spec(text: str) -> int | str:
+    """A step argument: a number, ``latest``, ``best`` or ``best:<metric>`` (argparse type)."""
+    if text.isdigit():
+        return int(text)
+    if text in ("latest", "best") or (text.startswith("best:") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step: expected a number, latest, best "
+                                     "or best:<metric>")
+
+
+STEP_HELP = "a number, latest, best (the lowest value of the one metric the manifests record) " \
+    "or best:<metric> (its lowest value)"
+
+
+def _best(manifests: Sequence[Any], which: str, url: str) -> Any:
+    """The committed manifest with the lowest value of ``best:<metric>``'s metric; plain ``best``
+    takes the one metric the manifests record, and is an error naming them when there are more."""
+    metric = which.partition(":")[2] or None
+    if metric is None:
+        names = sorted({k for m in manifests for k in m.metrics})
+        if len(names) != 1:
+            raise ConfigError(f"best needs a metric: the checkpoints under {url} record "
+                              + (", ".join(names) if names else "no metrics")
+                              + "; say best:<metric> (the lowest value is best)")
+        metric = names[0]
+    step = Retention(best_metric=metric, best_mode="min").best_step(manifests, metric)
+    if step is None:
+        raise CheckpointNotFoundError(f"with metric {metric!r}", url, [m.step for m in manifests])
+    return next(m for m in manifests if m.step == step)
+
+
+def _select(manifests: Sequence[Any], which: int | str | None, url: str, verb: str) -> Any:
+    """The committed manifest ``which`` names (None: the latest) for ``verb`` ("inspect"...)."""
+    if isinstance(which, str) and which.startswith("best"):
+        if not manifests:
+            raise CheckpointNotFoundError(f"to {verb}", url, ())
+        return _best(manifests, which, url)
+    if which in (None, "latest"):
+        if not manifests:
+            raise CheckpointNotFoundError(f"to {verb}", url, ())
+        return max(manifests, key=lambda m: m.step)
+    return select(manifests, which, url)
 
 
 def _human(n: float) -> str:
@@ -104,29 +174,44 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_steps(storage: Storage, which: int | str | None) -> list[int]:
+    """The steps ``verify`` checks: every one with a manifest (None), or the one named, which
+    must have a manifest (readable or not: a damaged one is a failed check)."""
+    if which is None:
+        return manifest_steps(storage)
+    if isinstance(which, int) and which in manifest_steps(storage):
+        return [which]
+    if isinstance(which, int) and which in {c.step for c in (*list_quarantined(storage),
+                                                             *list_abandoned(storage))}:
+        return []  # set aside: reported as such, not as missing
+    return [_select(list_committed(storage), which, storage.url, "verify").step]
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = _storage(args)
     report: dict[int, list[str]] = {}
     manifests = {}
-    for step in [args.step] if args.step is not None else manifest_steps(storage):
+    steps = _verify_steps(storage, args.step)
+    one = None if args.step is None else steps[0] if steps else args.step
+    for step in steps:
         try:
             manifests[step] = read_manifest(storage, step)
         except CorruptCheckpointError as e:  # a damaged manifest is a failed check, not bad input
             report[step] = [str(e)]
         except StorageError:
-            if args.step is not None or is_committed(storage, step):
+            if one is not None or is_committed(storage, step):
                 raise  # deleted since listing (a job's retention): not checked, not damaged
     with _progress(sum(m.total_bytes for m in manifests.values()), "verify") as bar:
         for step, manifest in manifests.items():
             problems = verify_checkpoint(storage, step, manifest, bar.update)
-            if problems is None and args.step is not None:
+            if problems is None and one is not None:
                 raise CheckpointNotFoundError(f"at step {step} (deleted while it was verified)",
                                               storage.url, [m.step for m in list_committed(storage)])
             if problems is not None:
                 report[step] = problems
     bad = {s: p for s, p in report.items() if p}
-    aside = [q for q in list_quarantined(storage) if args.step is None or q.step == args.step]
-    abandoned = [a for a in list_abandoned(storage) if args.step is None or a.step == args.step]
+    aside = [q for q in list_quarantined(storage) if one is None or q.step == one]
+    abandoned = [a for a in list_abandoned(storage) if one is None or a.step == one]
     if args.json:
         print(json.dumps({"ok": not bad, "checked": sorted(report), "problems": bad,
                           "quarantined": [q.to_dict() for q in aside],
@@ -150,9 +235,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .release import with_release_tags  # torch-free
 
     storage = _storage(args)
-    policy = Retention(keep_last=args.keep_last, keep_best=args.keep_best, best_metric=args.metric,
-                       best_mode=args.mode, keep_every_n_steps=args.keep_every,
-                       keep_epoch_ends=args.keep_epoch_ends)
+    policy = _retention(args)
     if not args.dry_run and not args.ignore_lease and (holder := live_holder(storage)) is not None:
         raise LeaseError(f"{storage.url} is being written by a running job ({holder.describe()}); "
                          "its manager prunes by its own retention. Pass --ignore-lease to prune anyway")
@@ -188,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     dtype = dtype_name(args.dtype)
-    m = select(list_committed(storage), "latest" if args.step is None else args.step, storage.url)
+    m = _select(list_committed(storage), args.step, storage.url, "export")
     parent, _, name = args.out.rstrip("/").rpartition("/")
     out = Storage(parent or ".")
     if out.exists(name) and not args.force:
@@ -210,10 +293,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint(storage: Storage, step: int | None, manifests: Sequence[Any] | None = None) -> Any:
+def _checkpoint(storage: Storage, step: int | str | None, manifests: Sequence[Any] | None = None,
+                verb: str = "inspect") -> Any:
     """(manifest, folder, files by name) of a committed step (None: the latest)."""
-    m = select(list_committed(storage) if manifests is None else manifests,
-               "latest" if step is None else step, storage.url)
+    m = _select(list_committed(storage) if manifests is None else manifests, step, storage.url, verb)
     return m, storage.child(step_dir_name(m.step)), {f.path: f for f in m.files}
 
 
@@ -325,7 +408,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     committed = list_committed(storage)
-    sides = [_checkpoint(storage, s, committed) for s in (args.step_a, args.step_b)]
+    sides = [_checkpoint(storage, s, committed, "diff") for s in (args.step_a, args.step_b)]
     (ma, fa, files_a), (mb, fb, files_b) = sides
     ia = {i.key: i for i in describe(fa, files_a)}
     ib = {i.key: i for i in describe(fb, files_b)}
@@ -449,9 +532,17 @@ def _write_text(path: str, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="asyncckpt", description="Inspect and manage asyncckpt checkpoints.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.add_argument("--version", action="version", version=f"asyncckpt {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command works too
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress to stderr")
     sub = p.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[verbose], **kw)  # type: ignore[method-assign]
 
     def root_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
@@ -470,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "abandoned branches (rolled back, kept under abandoned/)")
     sp.set_defaults(func=cmd_list)
     sp = root_cmd("verify", "check every file of committed checkpoints against its checksum")
-    sp.add_argument("step", nargs="?", type=int, help="one step (default: all)")
+    sp.add_argument("step", nargs="?", type=step_spec, help="one step (default: all): " + STEP_HELP)
     sp.set_defaults(func=cmd_verify)
     sp = root_cmd("prune", "delete checkpoints a retention policy drops")
     sp.add_argument("--keep-last", type=int, required=True, help="keep the newest N (>= 1)")
@@ -490,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to a single file")
     sp.add_argument("root", help="checkpoint root: a local path, or a URL on local disk, memory or an object store")
     sp.add_argument("out", metavar="OUT", help="the weights file to write (path or URL)")
-    sp.add_argument("--step", type=int, default=None, help="the step to export (default: latest)")
+    sp.add_argument("--step", type=step_spec, default=None,
+                    help="the step to export (default: latest): " + STEP_HELP)
     sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
                     help="safetensors (default) or torch (a torch.save dict of tensors)")
     sp.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bf16, fp16, fp32")
@@ -502,14 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
     sp = root_cmd("inspect", "show one checkpoint's manifest and its tensors (shape, dtype, bytes, "
                   "stored/raw size ratio); nothing is unpickled")
-    sp.add_argument("step", nargs="?", type=int, help="the step (default: latest)")
+    sp.add_argument("step", nargs="?", type=step_spec, help="the step (default: latest): " + STEP_HELP)
     sp.add_argument("--stats", action="store_true", help="also read every tensor: min, max, mean, "
                     "NaN/Inf count")
     sp.set_defaults(func=cmd_inspect)
     sp = root_cmd("diff", "compare two checkpoints: tensors that changed (max abs difference), "
                   "objects, metrics side by side")
-    sp.add_argument("step_a", type=int, metavar="STEP_A")
-    sp.add_argument("step_b", type=int, metavar="STEP_B")
+    sp.add_argument("step_a", type=step_spec, metavar="STEP_A", help=STEP_HELP)
+    sp.add_argument("step_b", type=step_spec, metavar="STEP_B", help=STEP_HELP)
     sp.add_argument("--all", action="store_true", help="list unchanged items too")
     sp.set_defaults(func=cmd_diff)
     root_cmd("releases", "list the versioned releases under ROOT/releases").set_defaults(
@@ -536,13 +628,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except AsyncCkptError as e:
         print(f"asyncckpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"asyncckpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``asyncckpt list ROOT | head -1``): stop quietly, as
+    a command killed by SIGPIPE does (status 141), with nothing more written to stdout."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
