@@ -265,31 +265,116 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from .errors import CheckpointExistsError
-    from .release import checkpoint_weights, dtype_name, prepare, write_weights  # loads torch
+FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+"""The weights formats ``export`` tells from OUT's extension; a name without one is a folder (dcp)."""
 
-    storage = _storage(args)
-    dtype = dtype_name(args.dtype)
-    m = _select(list_committed(storage), args.step, storage.url, "export")
+
+def export_format(out: str, given: str | None) -> str:
+    """The format ``export`` writes ``out`` in: ``given`` (``--format``), else the one its
+    name says (``FORMATS``; a name ending in ``/`` or without an extension: dcp).  A name that
+    says another format than ``given`` is an error naming both."""
+    name = out.rstrip("/").rpartition("/")[2]
+    ext = "." + name.rpartition(".")[2].lower() if "." in name.lstrip(".") else ""
+    said = "dcp" if out.endswith("/") else FORMATS.get(ext)
+    if given is not None and said is not None and said != given:
+        raise ConfigError(f"--format {given} does not match OUT {out}: "
+                          f"{'a folder' if said == 'dcp' else ext} means {said}")
+    if given is not None:
+        return given
+    if said is None and ext:
+        raise ConfigError(f"cannot tell the format of {out} from its extension {ext!r}: pass "
+                          "--format safetensors, torch or dcp, or name it .safetensors or .pt")
+    return said or "dcp"
+
+
+def _export_target(args: argparse.Namespace, fmt: str) -> tuple[Storage, str]:
+    """(the folder to write in, the file name; "" for a dcp folder), OUT made ready."""
+    from .errors import CheckpointExistsError
+
+    if fmt == "dcp":
+        out = Storage(args.out.rstrip("/") or "/")
+        here, dirs = out.list_files(), out.list_dirs()
+        dcp_only = bool(here) and not dirs and all(n == ".metadata" or n.endswith(".distcp")
+                                                   for n in here)
+        if out.isfile() or ((here or dirs) and not (args.force and dcp_only)):
+            what = "a file" if out.isfile() else "a folder that is not empty"
+            hint = "; pass --force to replace it" if dcp_only else \
+                ": asyncckpt replaces only a folder of DCP files (.metadata, *.distcp), with --force"
+            raise CheckpointExistsError(f"{out.url} is {what}{hint}")
+        if here:
+            out.remove("", recursive=True)
+        out.makedirs()
+        return out, ""
     parent, _, name = args.out.rstrip("/").rpartition("/")
     out = Storage(parent or ".")
     if out.exists(name) and not args.force:
         raise CheckpointExistsError(f"{out.url_of(name)} already exists; pass --force to replace it")
     out.makedirs()
+    return out, name
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .release import checkpoint_weights, dtype_name, prepare, write_dcp, write_weights  # torch
+
+    fmt = export_format(args.out, args.format)
+    storage = _storage(args)
+    dtype = dtype_name(args.dtype)
+    m = _select(list_committed(storage), args.step, storage.url, "export")
+    out, name = _export_target(args, fmt)
     with _progress(2 * m.total_bytes, "export") as bar:  # coarse: read, then write
         tensors = prepare(checkpoint_weights(storage.child(step_dir_name(m.step)), m, model=args.model),
                           dtype)
         bar.update(m.total_bytes)
-        entry = write_weights(out, name, tensors, format=args.format,
-                              metadata={"format": "pt", "step": str(m.step)})
+        if fmt == "dcp":
+            size = sum(f.size for f in write_dcp(out, tensors))
+        else:
+            size = write_weights(out, name, tensors, format=fmt,
+                                 metadata={"format": "pt", "step": str(m.step)}).size
         bar.update(m.total_bytes)
     if args.json:
-        print(json.dumps({"step": m.step, "tensors": len(tensors), "bytes": entry.size,
-                          "format": args.format, "dtype": dtype, "path": out.url_of(name)}))
+        print(json.dumps({"step": m.step, "tensors": len(tensors), "bytes": size,
+                          "format": fmt, "dtype": dtype, "path": out.url_of(name)}))
         return 0
-    print(f"exported step {m.step}: {len(tensors)} tensors, {_human(entry.size)} "
-          f"({args.format}{'' if dtype is None else ', ' + dtype}) to {out.url_of(name)}")
+    print(f"exported step {m.step}: {len(tensors)} tensors, {_human(size)} "
+          f"({fmt}{'' if dtype is None else ', ' + dtype}) to {out.url_of(name)}")
+    return 0
+
+
+def _json_file(path: str | None, flag: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {path}: cannot be read as JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} {path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """As ``CheckpointManager.release(step, ...)``, without opening a manager on the root."""
+    import datetime
+
+    import torch
+
+    from .release import Provenance, ReleaseOptions, checkpoint_weights, write_release
+
+    opts = ReleaseOptions(version=args.version, format=args.format, dtype=args.dtype,
+                          model=args.model, model_card=_json_file(args.card, "--card"),
+                          config=_json_file(args.config, "--config"))
+    storage = _storage(args)
+    m = _select(list_committed(storage), args.step, storage.url, "release")
+    tensors = checkpoint_weights(storage.child(step_dir_name(m.step)), m, model=opts.model)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    info = write_release(storage, opts, tensors, source=Provenance.of(m),
+                         torch_version=torch.__version__, now=now.replace("+00:00", "Z"))
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=1))
+        return 0
+    print(f"released step {m.step} as {info.version}: {_human(info.bytes)} ({info.format}"
+          f"{'' if info.dtype is None else '/' + info.dtype}) at {info.path}")
     return 0
 
 
@@ -578,13 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prune even while a running job holds the root's lease (.lease.json)")
     sp.set_defaults(func=cmd_prune)
     sp = sub.add_parser("export", help="write one checkpoint's model weights (no optimizer) "
-                        "to a single file")
+                        "to a single file, or to a plain uncompressed DCP folder")
     sp.add_argument("root", help="checkpoint root: a local path, or a URL on local disk, memory or an object store")
-    sp.add_argument("out", metavar="OUT", help="the weights file to write (path or URL)")
+    sp.add_argument("out", metavar="OUT", help="the weights file or DCP folder to write (path or "
+                    "URL); its extension gives the format: .safetensors, .pt/.pth (torch), a name "
+                    "without one or ending in / (dcp)")
     sp.add_argument("--step", type=step_spec, default=None,
                     help="the step to export (default: latest): " + STEP_HELP)
-    sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
-                    help="safetensors (default) or torch (a torch.save dict of tensors)")
+    sp.add_argument("--format", default=None, choices=["safetensors", "torch", "dcp"],
+                    help="safetensors, torch (a torch.save dict of tensors) or dcp (a folder "
+                    "torch.distributed.checkpoint.load reads, uncompressed); default: OUT's extension")
     sp.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bf16, fp16, fp32")
     sp.add_argument("--model", default=None, help="which model of the TrainState (default: all)")
     sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -606,6 +694,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_diff)
     root_cmd("releases", "list the versioned releases under ROOT/releases").set_defaults(
         func=cmd_releases)
+    sp = root_cmd("release", "write one checkpoint's model weights as a versioned release "
+                  "(ROOT/releases/v<VERSION>/, with model_card.json), as CheckpointManager.release")
+    sp.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    sp.add_argument("--step", type=step_spec, default=None,
+                    help="the step to release (default: latest): " + STEP_HELP)
+    sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
+                    help="model.safetensors (default) or model.pt")
+    sp.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bf16, fp16, fp32")
+    sp.add_argument("--model", default=None, help="which model of the TrainState (default: all)")
+    sp.add_argument("--card", default=None, metavar="CARD.json",
+                    help="a JSON object for the model card's \"card\" (description, license...)")
+    sp.add_argument("--config", default=None, metavar="CONFIG.json",
+                    help="a JSON object written as the release's config.json")
+    sp.set_defaults(func=cmd_release)
     sp = sub.add_parser("schedule", help="plan checkpoint steps from a YAML config's training: "
                         "section and write them as training.checkpoint_schedule")
     sp.add_argument("config", help="YAML file with a training: section")

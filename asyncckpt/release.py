@@ -441,6 +441,25 @@ def write_weights(storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor
     return FileEntry(path=rel.rsplit("/", 1)[-1], size=out.nbytes, checksum=out.hexdigest())
 
 
+def write_dcp(folder: Storage, tensors: Mapping[str, torch.Tensor]) -> list[FileEntry]:
+    """Write prepared tensors as a plain, uncompressed DCP checkpoint in ``folder`` (shards and
+    ``.metadata``, durable; no manifest) that ``torch.distributed.checkpoint.load`` reads into a
+    state dict with the same keys; returns its files."""
+    import torch.distributed.checkpoint as dcp
+
+    from .dcp_io import CheckpointWriter, reraise_own
+
+    writer = CheckpointWriter(folder, codec=None)
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled...": intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(dict(tensors), storage_writer=writer, no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
+        reraise_own(e)
+        raise
+    return sorted(writer.files, key=lambda f: f.path)
+
+
 def write_release(storage: Storage, options: ReleaseOptions, tensors: Mapping[str, torch.Tensor], *,
                   source: Provenance, torch_version: str, now: str) -> ReleaseInfo:
     """Write a release (weights, config, then the card last); see the module docstring.

@@ -127,3 +127,104 @@ def test_best_needs_one_metric(tmp_path):
     assert r.returncode == 2 and "no checkpoint with metric 'bleu'" in r.stderr
     r = asyncckpt("inspect", two, "newest")
     assert r.returncode == 2 and "'newest' is not a step" in r.stderr
+
+
+def _weights(step: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(step)
+    return {k: v.detach() for k, v in nn.Linear(3, 2).state_dict().items()}
+
+
+def test_a_compressed_checkpoint_tells_plain_dcp_users_what_to_run(root, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = root / "step-0000000002"
+    note = (folder / "README.txt").read_text()
+    assert "zstd" in note and "asyncckpt export --format dcp ROOT --step N OUT" in note
+    target = {k: torch.empty_like(v) for k, v in _weights(2).items()}
+    with pytest.raises(BaseException):  # what the note is for: plain DCP cannot read it
+        dcp.load({f"model/{k}": v for k, v in target.items()}, checkpoint_id=str(folder),
+                 no_dist=True)
+    line = next(ln for ln in note.splitlines() if "--format dcp" in ln)
+    argv = line.split("(")[0].split()[1:]  # the note's command, as written
+    assert argv == ["export", "--format", "dcp", "ROOT", "--step", "N", "OUT"]
+    assert line.split()[0] == "asyncckpt"
+    out = tmp_path / "plain"
+    r = asyncckpt(*[{"ROOT": root, "N": 2, "OUT": out}.get(a, a) for a in argv])
+    assert r.returncode == 0 and "(dcp)" in r.stdout, r.stderr
+    dcp.load(target, checkpoint_id=str(out), no_dist=True)
+    for k, v in _weights(2).items():
+        assert torch.equal(target[k], v), k
+    assert asyncckpt("verify", root, 2).returncode == 0  # the note is checked like the shards
+    (folder / "README.txt").write_text(note + "x")
+    try:
+        r = asyncckpt("verify", root, 2)
+        assert r.returncode == 1 and "README.txt" in r.stdout
+    finally:
+        (folder / "README.txt").write_text(note)
+
+
+@pytest.mark.parametrize("out, fmt", [("w.safetensors", "safetensors"), ("w.pt", "torch"),
+                                      ("w.pth", "torch"), ("w", "dcp"), ("w.d/", "dcp")])
+def test_export_format_follows_the_name(root, tmp_path, out, fmt):
+    r = asyncckpt("export", root, "--step", 1, out, cwd=tmp_path)
+    assert r.returncode == 0 and f"({fmt})" in r.stdout, r.stderr
+    path = tmp_path / out
+    if fmt == "torch":
+        loaded = torch.load(path, weights_only=True)
+    elif fmt == "safetensors":
+        from safetensors.torch import load_file
+        loaded = load_file(path)
+    else:
+        import torch.distributed.checkpoint as dcp
+        loaded = {k: torch.empty_like(v) for k, v in _weights(1).items()}
+        dcp.load(loaded, checkpoint_id=str(path), no_dist=True)
+    assert loaded.keys() == _weights(1).keys()
+    assert all(torch.equal(loaded[k], v) for k, v in _weights(1).items())
+
+
+@pytest.mark.parametrize("out, argv, words", [
+    ("model.pt", ["--format", "safetensors"], "--format safetensors does not match OUT model.pt: "
+                                              ".pt means torch"),
+    ("w.safetensors", ["--format", "dcp"], ".safetensors means safetensors"),
+    ("folder/", ["--format", "torch"], "a folder means dcp"),
+    ("w.bin", [], "cannot tell the format of w.bin from its extension '.bin'"),
+])
+def test_export_refuses_a_name_that_says_another_format(root, tmp_path, out, argv, words):
+    r = asyncckpt("export", root, out, *argv, cwd=tmp_path)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_dcp_replaces_only_a_dcp_folder(root, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = asyncckpt("export", root, mine, "--force")
+    assert r.returncode == 2 and "replaces only a folder of DCP files" in r.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "plain"
+    assert asyncckpt("export", root, "--step", 1, out).returncode == 0
+    r = asyncckpt("export", root, out)
+    assert r.returncode == 2 and "pass --force" in r.stderr
+    assert asyncckpt("export", root, out, "--force").returncode == 0
+
+
+def test_release_command(tmp_path):
+    import json
+
+    root = _save(tmp_path / "ckpt", {1: {"loss": 2.0}, 2: {"loss": 1.0}, 3: {"loss": 3.0}})
+    (tmp_path / "card.json").write_text('{"license": "mit"}')
+    r = asyncckpt("release", root, "--step", "best:loss", "--version", "1.0.0", "--card",
+                  tmp_path / "card.json")
+    assert r.returncode == 0 and r.stdout.startswith("released step 2 as 1.0.0"), r.stderr
+    card = json.loads((root / "releases" / "v1.0.0" / "model_card.json").read_text())
+    assert card["step"] == 2 and card["card"] == {"license": "mit"} and card["metrics"] == {"loss": 1.0}
+    from safetensors.torch import load_file
+    weights = load_file(root / "releases" / "v1.0.0" / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in _weights(2).items())
+    r = asyncckpt("release", root, "--version", "1.0.0")
+    assert r.returncode == 2 and "release 1.0.0 already exists" in r.stderr
+    r = asyncckpt("release", root, "--version", "v2")
+    assert r.returncode == 2 and "version='v2' is not valid" in r.stderr
+    r = asyncckpt("releases", root)
+    assert r.returncode == 0 and "1.0.0" in r.stdout
