@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +22,10 @@ from .branches import list_abandoned, retire_abandoned
 from .errors import (AsyncCkptError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
                      LeaseError, StorageError)
 from .lease import live_holder
-from .manifest import CheckpointInfo, select, step_dir_name
+from .manifest import MANIFEST_NAME, CheckpointInfo, select, step_dir_name
 from .quarantine import checked_plan, list_quarantined, quarantine, retire_expired
 from .retention import Retention
-from .storage import (Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
+from .storage import (MARKER_NAME, Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
                       read_manifest, verify_checkpoint)
 
 
@@ -118,6 +119,10 @@ def _select(manifests: Sequence[Any], which: int | str | None, url: str, verb: s
     return select(manifests, which, url)
 
 
+METADATA_NAME = ".metadata"
+"""DCP's metadata file (``dcp_io.METADATA_NAME``; named here so listing needs no torch)."""
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -140,11 +145,93 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+PLAIN_NOTE = "plain DCP checkpoint, no manifest: sizes only, no checksums"
+_PLAIN_STEP = re.compile(r"step-([0-9]+)")
+"""torchtitan's ``step-100`` as well as asyncckpt's ``step-0000000100``."""
+
+
+def plain_dcp(storage: Storage) -> list[tuple[int | None, str]]:
+    """(step, folder) of the plain DCP checkpoints (DCP's ``.metadata``, no manifest) at a root:
+    the root itself (step None), or its ``step-N`` folders.  A folder with asyncckpt's marker
+    is an unfinished save of asyncckpt's, not one of these."""
+    here = storage.list_files()
+    if MANIFEST_NAME in here or MARKER_NAME in here:
+        return []
+    if METADATA_NAME in here:
+        return [(None, "")]
+    found = []
+    for name in storage.list_dirs():
+        if (match := _PLAIN_STEP.fullmatch(name)) is not None:
+            files = storage.list_files(name)
+            if METADATA_NAME in files and MANIFEST_NAME not in files and MARKER_NAME not in files:
+                found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def _plain_pick(storage: Storage, plain: Sequence[tuple[int | None, str]], which: int | str | None,
+                verb: str) -> tuple[int | None, Storage]:
+    """The plain DCP checkpoint ``which`` names (None or latest: the newest)."""
+    steps = [s for s, _ in plain if s is not None]
+    if which in (None, "latest"):
+        step, rel = plain[-1]
+        return step, storage.child(rel) if rel else storage
+    if isinstance(which, str):
+        raise ConfigError(f"{which} needs metrics, and {storage.url} holds plain DCP checkpoints "
+                          "without manifests (none records a metric): name a step")
+    for step, rel in plain:
+        if step == which:
+            return step, storage.child(rel)
+    have = f"steps: {', '.join(map(str, steps))}" if steps else "one, at the root itself: no step"
+    raise AsyncCkptError(f"no checkpoint at step {which} to {verb} under {storage.url} "
+                         f"(plain DCP {have})")
+
+
+def _plain_problems(folder: Storage) -> list[str]:
+    """What is wrong with a plain DCP checkpoint that its sizes show: ``.metadata`` unreadable,
+    a file it names missing or shorter than its items reach (no checksums to compare)."""
+    from .safe_metadata import load_metadata  # loads torch
+
+    files = folder.list_files()
+    try:
+        md = load_metadata(folder.read_bytes(METADATA_NAME), folder.url_of(METADATA_NAME))
+    except AsyncCkptError as e:
+        return [str(e)]
+    ends: dict[str, int] = {}
+    for info in md.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, end in sorted(ends.items()):
+        if name not in files:
+            problems.append(f"{folder.url_of(name)}: missing")
+        elif files[name] < end:
+            problems.append(f"{folder.url_of(name)}: expected at least {end} bytes, found {files[name]}")
+    return problems
+
+
+def _list_plain(storage: Storage, plain: Sequence[tuple[int | None, str]], as_json: bool) -> int:
+    rows = []
+    for step, rel in plain:
+        files = storage.list_files(rel)
+        rows.append({"step": step, "path": storage.url_of(rel), "bytes": sum(files.values()),
+                     "files": len(files), "plain_dcp": True, "checksums": False})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    note = PLAIN_NOTE if len(rows) == 1 else \
+        PLAIN_NOTE.replace("checkpoint, no manifest", "checkpoints, no manifests")
+    print(f"{storage.url}: {note}")
+    print(_table([["-" if r["step"] is None else str(r["step"]), _human(r["bytes"]), str(r["files"]),
+                   r["path"]] for r in rows], ["step", "size", "files", "path"]))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .release import with_release_tags  # torch-free
 
     storage = _storage(args)
     manifests = with_release_tags(storage, list_committed(storage))
+    if not manifests and (plain := plain_dcp(storage)):
+        return _list_plain(storage, plain, args.json)
     best = Retention(best_metric=args.metric, best_mode=args.mode).best_step(manifests) \
         if args.metric else None
     infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)),
@@ -187,8 +274,30 @@ def _verify_steps(storage: Storage, which: int | str | None) -> list[int]:
     return [_select(list_committed(storage), which, storage.url, "verify").step]
 
 
+def _verify_plain(storage: Storage, plain: Sequence[tuple[int | None, str]],
+                  which: int | str | None, as_json: bool) -> int:
+    """verify on plain DCP checkpoints: their sizes against their ``.metadata``; exit 1 if bad."""
+    picked = [(s, storage.child(rel) if rel else storage) for s, rel in plain] if which is None \
+        else [_plain_pick(storage, plain, which, "verify")]
+    report = {folder.url: (step, _plain_problems(folder)) for step, folder in picked}
+    bad = {url: p for url, (_, p) in report.items() if p}
+    if as_json:
+        print(json.dumps({"ok": not bad, "plain_dcp": True, "checksums": False,
+                          "checked": [s if s is not None else url for url, (s, _) in report.items()],
+                          "problems": bad}, indent=1))
+        return 1 if bad else 0
+    for url, (step, problems) in report.items():
+        print(f"{url if step is None else f'step {step}'}: {'ok' if not problems else 'DAMAGED'} "
+              f"({PLAIN_NOTE})")
+        for p in problems:
+            print(f"  {p}")
+    return 1 if bad else 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = _storage(args)
+    if not manifest_steps(storage) and (plain := plain_dcp(storage)):
+        return _verify_plain(storage, plain, args.step, args.json)
     report: dict[int, list[str]] = {}
     manifests = {}
     steps = _verify_steps(storage, args.step)
@@ -313,29 +422,43 @@ def _export_target(args: argparse.Namespace, fmt: str) -> tuple[Storage, str]:
     return out, name
 
 
+def _export_source(storage: Storage, args: argparse.Namespace) -> tuple[int | None, int, Any]:
+    """(step, bytes to read, a function returning the tensors) of the checkpoint to export: a
+    committed one (its model weights), else a plain DCP one (every tensor, by its DCP key)."""
+    from .release import checkpoint_weights, plain_dcp_weights  # loads torch
+
+    committed = list_committed(storage)
+    if not committed and (plain := plain_dcp(storage)):
+        step, folder = _plain_pick(storage, plain, args.step, "export")
+        return step, sum(folder.list_files().values()), lambda: plain_dcp_weights(folder)
+    m = _select(committed, args.step, storage.url, "export")
+    return m.step, m.total_bytes, lambda: checkpoint_weights(storage.child(step_dir_name(m.step)),
+                                                             m, model=args.model)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .release import checkpoint_weights, dtype_name, prepare, write_dcp, write_weights  # torch
+    from .release import dtype_name, prepare, write_dcp, write_weights  # loads torch
 
     fmt = export_format(args.out, args.format)
     storage = _storage(args)
     dtype = dtype_name(args.dtype)
-    m = _select(list_committed(storage), args.step, storage.url, "export")
+    step, nbytes, read = _export_source(storage, args)
     out, name = _export_target(args, fmt)
-    with _progress(2 * m.total_bytes, "export") as bar:  # coarse: read, then write
-        tensors = prepare(checkpoint_weights(storage.child(step_dir_name(m.step)), m, model=args.model),
-                          dtype)
-        bar.update(m.total_bytes)
+    with _progress(2 * nbytes, "export") as bar:  # coarse: read, then write
+        tensors = prepare(read(), dtype)
+        bar.update(nbytes)
         if fmt == "dcp":
             size = sum(f.size for f in write_dcp(out, tensors))
         else:
             size = write_weights(out, name, tensors, format=fmt,
-                                 metadata={"format": "pt", "step": str(m.step)}).size
-        bar.update(m.total_bytes)
+                                 metadata={"format": "pt", **({} if step is None else {"step": str(step)})}).size
+        bar.update(nbytes)
+    what = "the plain DCP checkpoint" if step is None else f"step {step}"
     if args.json:
-        print(json.dumps({"step": m.step, "tensors": len(tensors), "bytes": size,
+        print(json.dumps({"step": step, "tensors": len(tensors), "bytes": size,
                           "format": fmt, "dtype": dtype, "path": out.url_of(name)}))
         return 0
-    print(f"exported step {m.step}: {len(tensors)} tensors, {_human(size)} "
+    print(f"exported {what}: {len(tensors)} tensors, {_human(size)} "
           f"({fmt}{'' if dtype is None else ', ' + dtype}) to {out.url_of(name)}")
     return 0
 
@@ -423,33 +546,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .dcp_io import describe  # loads torch
 
     storage = _storage(args)
-    m, folder, files = _checkpoint(storage, args.step)
-    items = describe(folder, files)
+    committed = list_committed(storage)
+    plain = plain_dcp(storage) if not committed else []
+    if plain:
+        step, folder = _plain_pick(storage, plain, args.step, "inspect")
+        m, files, head = None, {}, [f"{'' if step is None else f'step {step}  '}{folder.url}",
+                                    f"  {PLAIN_NOTE}"]
+    else:
+        m, folder, files = _checkpoint(storage, args.step, committed)
+        head = _manifest_lines(m, folder.url)
+    items = describe(folder, files, verify=not plain)
     stats = _tensor_stats(folder, files, items) if args.stats else {}
     if args.json:
-        print(json.dumps({"path": folder.url, "manifest": m.to_dict(),
+        print(json.dumps({"path": folder.url, "manifest": None if m is None else m.to_dict(),
+                          **({"plain_dcp": True} if plain else {}),
                           "items": [{**asdict(i), **({"stats": stats[i.key]} if i.key in stats else {})}
                                     for i in items]}, indent=1))
         return 0
-    print("\n".join(_manifest_lines(m, folder.url)))
+    print("\n".join(head))
+    _print_items(items, stats, args.stats)
+    return 0
+
+
+def _print_items(items: Sequence[Any], stats: dict[str, dict[str, Any]], with_stats: bool) -> None:
     rows = []
     for i in items:
         ratio = f"{i.stored_bytes / i.raw_bytes:.2f}" if i.raw_bytes and i.stored_bytes else ""
         row = [i.key, i.kind, i.dtype or "", _shape(i.shape),
                "" if i.raw_bytes is None else _human(i.raw_bytes), _human(i.stored_bytes), ratio]
-        if args.stats:
+        if with_stats:
             st = stats.get(i.key) or {}
             row += ["" if st.get(k) is None else f"{st[k]:.4g}" for k in ("min", "max", "mean")]
             row.append(str(st.get("nonfinite", "")))
         rows.append(row)
     print(_table(rows, ["key", "kind", "dtype", "shape", "bytes", "stored", "stored/raw"]
-                 + (["min", "max", "mean", "nan/inf"] if args.stats else [])))
+                 + (["min", "max", "mean", "nan/inf"] if with_stats else [])))
     tensors = [i for i in items if i.kind == "tensor"]
     raw, stored = sum(i.raw_bytes for i in tensors), sum(i.stored_bytes for i in tensors)
     print(f"{len(tensors)} tensors: {_human(raw)}, {_human(stored)} stored"
           + (f" (stored/raw {stored / raw:.2f})" if stored and raw else "") + f"; {len(items) - len(tensors)} "
           f"objects: {_human(sum(i.stored_bytes for i in items if i.kind == 'object'))} stored")
-    return 0
 
 
 def _compare_objects(key: str, a: bytes, b: bytes) -> str | None:

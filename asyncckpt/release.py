@@ -342,6 +342,30 @@ def checkpoint_weights(folder: Storage, manifest: Manifest, *, model: str | None
     return out
 
 
+def plain_dcp_weights(folder: Storage) -> dict[str, torch.Tensor]:
+    """Every tensor of a plain DCP checkpoint (no manifest, so no checksums), full, on CPU,
+    under its DCP key; read through ``CheckpointReader`` (nothing unpickled)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .dcp_io import CheckpointReader, reraise_own
+    from .planner import SafeLoadPlanner
+
+    reader = CheckpointReader(folder, verify=False)
+    target = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+              for key, meta in reader.read_metadata().state_dict_metadata.items()
+              if isinstance(meta, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(folder.url), no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
+        reraise_own(e)
+        raise
+    return target
+
+
 def state_weights(state: TrainState, *, model: str | None = None) -> dict[str, torch.Tensor]:
     """The full (gathered) model tensors of a live ``TrainState``, on CPU.
 

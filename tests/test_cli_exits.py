@@ -228,3 +228,58 @@ def test_release_command(tmp_path):
     assert r.returncode == 2 and "version='v2' is not valid" in r.stderr
     r = asyncckpt("releases", root)
     assert r.returncode == 0 and "1.0.0" in r.stdout
+
+
+@pytest.fixture
+def titan(tmp_path):
+    """A root as torchtitan writes it: step-100/ and step-200/, plain DCP folders."""
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path / "outputs" / "checkpoint"
+    for step in (100, 200):
+        dcp.save({"model": {"w": torch.full((4, 3), float(step))}, "optim": {"lr": 0.1}},
+                 checkpoint_id=str(root / f"step-{step}"), no_dist=True)
+    return root
+
+
+NOTE = "plain DCP checkpoint, no manifest: sizes only, no checksums"
+
+
+def test_list_verify_inspect_a_root_of_plain_dcp_folders(titan):
+    r = asyncckpt("list", titan)
+    assert r.returncode == 0 and "plain DCP checkpoints, no manifests: sizes only, no checksums" \
+        in r.stdout and "no committed checkpoints" not in r.stdout
+    assert [ln.split()[0] for ln in r.stdout.splitlines()[2:]] == ["100", "200"]
+    r = asyncckpt("verify", titan)
+    assert r.returncode == 0 and r.stdout.splitlines() == [f"step {s}: ok ({NOTE})" for s in (100, 200)]
+    r = asyncckpt("inspect", titan, 100)
+    assert r.returncode == 0 and r.stdout.startswith(f"step 100  {titan / 'step-100'}\n  {NOTE}\n")
+    assert "model.w" in r.stdout and "4x3" in r.stdout and "optim.lr" in r.stdout
+    r = asyncckpt("inspect", titan, 150)
+    assert r.returncode == 2 and "no checkpoint at step 150" in r.stderr and "100, 200" in r.stderr
+    r = asyncckpt("inspect", titan, "best")
+    assert r.returncode == 2 and "name a step" in r.stderr
+    shard = next((titan / "step-200").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated: its items reach past its end
+    r = asyncckpt("verify", titan)
+    assert r.returncode == 1 and f"step 200: DAMAGED ({NOTE})" in r.stdout and shard.name in r.stdout
+
+
+def test_a_plain_dcp_folder_itself(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "ckpt"
+    dcp.save({"w": torch.arange(6.0)}, checkpoint_id=str(folder), no_dist=True)
+    for command in ("list", "verify", "inspect"):
+        r = asyncckpt(command, folder)
+        assert r.returncode == 0 and NOTE in r.stdout, (command, r)
+    r = asyncckpt("export", folder, tmp_path / "w.pt")
+    assert r.returncode == 0 and "exported the plain DCP checkpoint: 1 tensors" in r.stdout, r.stderr
+    assert torch.equal(torch.load(tmp_path / "w.pt", weights_only=True)["w"], torch.arange(6.0))
+
+
+def test_export_from_a_plain_dcp_root(titan, tmp_path):
+    r = asyncckpt("export", titan, "--step", 100, tmp_path / "w.safetensors")
+    assert r.returncode == 0 and r.stdout.startswith("exported step 100: 1 tensors"), r.stderr
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["model.w"], torch.full((4, 3), 100.0))
