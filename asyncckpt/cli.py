@@ -5,7 +5,10 @@ checksums only (no torch import, so they start fast); ``export`` loads torch
 lazily, through ``release.py``'s reading path.  ``prune`` deletes exactly as
 the manager does (``storage.delete_checkpoint``: manifest first).  ``schedule`` plans checkpoint steps from a YAML config (no torch
 either).  Every command that prints a table takes ``--json``.  Exit status: 0
-on success, 1 when a check fails (verify), 2 on bad input.
+on success, 1 when a check fails (verify), 2 on bad input (a local root that does not
+exist included), 141 when stdout's reader went away.  A root without manifests that
+holds plain DCP checkpoints (itself, or ``step-N`` folders) is read for sizes only.
+``release`` writes a versioned release as ``CheckpointManager.release`` does.
 """
 
 from __future__ import annotations
