@@ -5,7 +5,10 @@ checksums only (no torch import, so they start fast); ``export`` loads torch
 lazily, through ``release.py``'s reading path.  ``prune`` deletes exactly as
 the manager does (``storage.delete_checkpoint``: manifest first).  ``schedule`` plans checkpoint steps from a YAML config (no torch
 either).  Every command that prints a table takes ``--json``.  Exit status: 0
-on success, 1 when a check fails (verify), 2 on bad input.
+on success, 1 when a check fails (verify), 2 on bad input (a local root that does not
+exist included), 141 when stdout's reader went away.  A root without manifests that
+holds plain DCP checkpoints (itself, or ``step-N`` folders) is read for sizes only.
+``release`` writes a versioned release as ``CheckpointManager.release`` does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +25,10 @@ from .branches import list_abandoned, retire_abandoned
 from .errors import (AsyncCkptError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
                      LeaseError, StorageError)
 from .lease import live_holder
-from .manifest import CheckpointInfo, select, step_dir_name
+from .manifest import MANIFEST_NAME, CheckpointInfo, select, step_dir_name
 from .quarantine import checked_plan, list_quarantined, quarantine, retire_expired
-from .retention import Retention, best_tags
-from .storage import (Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
+from .retention import Retention, best_step_for, best_tags, ranking_for
+from .storage import (MARKER_NAME, Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
                       read_manifest, verify_checkpoint)
 
 
@@ -45,7 +49,82 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _storage(args: argparse.Namespace) -> Storage:
-    return Storage(args.root, _options(args.storage_option))
+    """The root of ``args``; on a local disk it must be an existing folder (a typo is an
+    error, never an empty root).  An object store cannot tell an empty prefix from a
+    missing one, so there an empty root lists as such."""
+    storage = Storage(args.root, _options(args.storage_option))
+    if storage.is_local and not storage.exists(""):
+        raise AsyncCkptError(f"{storage.url} does not exist")
+    if storage.is_local and storage.isfile():
+        raise AsyncCkptError(f"{storage.url} is a file, not a checkpoint root (a folder of "
+                             "step-N checkpoint folders)")
+    return storage
+
+
+def _retention(args: argparse.Namespace) -> Retention:
+    """The policy of prune's flags; a bad value is named by its flag, not by Retention's field."""
+    checks = [(args.keep_last < 1, f"--keep-last {args.keep_last}", "an integer >= 1"),
+              (args.keep_best < 0, f"--keep-best {args.keep_best}", "an integer >= 0"),
+              (args.keep_best > 0 and not args.metric, f"--keep-best {args.keep_best}",
+               "--metric NAME too (the metric to rank checkpoints by)"),
+              (args.metric == "", "--metric ''", "a metric name"),
+              (args.keep_every is not None and args.keep_every < 1, f"--keep-every {args.keep_every}",
+               "an integer >= 1")]
+    for bad, given, expected in checks:
+        if bad:
+            raise ConfigError(f"{given} is not valid: expected {expected}")
+    return Retention(keep_last=args.keep_last, keep_best=args.keep_best, best_metric=args.metric,
+                     best_mode=args.mode, keep_every_n_steps=args.keep_every,
+                     keep_epoch_ends=args.keep_epoch_ends)
+
+
+def step_spec(text: str) -> int | str:
+    """A step argument: a number, ``latest``, ``best`` or ``best:<metric>`` (argparse type)."""
+    if text.isdigit():
+        return int(text)
+    if text in ("latest", "best") or (text.startswith("best:") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step: expected a number, latest, best "
+                                     "or best:<metric>")
+
+
+STEP_HELP = "a number, latest, best (by the metric and mode the checkpoints' retention recorded, " \
+    "else the one metric they record, lowest) or best:<metric> (in its recorded mode, else lowest)"
+
+
+def _best(manifests: Sequence[Any], which: str, url: str) -> Any:
+    """The committed manifest ``best``/``best:<metric>`` names, ranked as ``restore`` ranks them
+    (``retention.best_step_for``: what the manifests recorded); plain ``best`` with nothing
+    recorded takes the one metric they hold, and is an error naming them when there are more."""
+    metric = which.partition(":")[2] or None
+    if metric is None and ranking_for(None, None, manifests) is None:
+        names = sorted({k for m in manifests for k in m.metrics})
+        if len(names) != 1:
+            raise ConfigError(f"best needs a metric: the checkpoints under {url} record "
+                              + (", ".join(names) if names else "no metrics")
+                              + "; say best:<metric> (the lowest value is best)")
+        metric = names[0]
+    found = best_step_for(manifests, metric, None)
+    if found is None or found[1] is None:
+        raise CheckpointNotFoundError(f"with metric {metric!r}", url, [m.step for m in manifests])
+    return next(m for m in manifests if m.step == found[1])
+
+
+def _select(manifests: Sequence[Any], which: int | str | None, url: str, verb: str) -> Any:
+    """The committed manifest ``which`` names (None: the latest) for ``verb`` ("inspect"...)."""
+    if isinstance(which, str) and which.startswith("best"):
+        if not manifests:
+            raise CheckpointNotFoundError(f"to {verb}", url, ())
+        return _best(manifests, which, url)
+    if which in (None, "latest"):
+        if not manifests:
+            raise CheckpointNotFoundError(f"to {verb}", url, ())
+        return max(manifests, key=lambda m: m.step)
+    return select(manifests, which, url)
+
+
+METADATA_NAME = ".metadata"
+"""DCP's metadata file (``dcp_io.METADATA_NAME``; named here so listing needs no torch)."""
 
 
 def _human(n: float) -> str:
@@ -70,11 +149,93 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+PLAIN_NOTE = "plain DCP checkpoint, no manifest: sizes only, no checksums"
+_PLAIN_STEP = re.compile(r"step-([0-9]+)")
+"""torchtitan's ``step-100`` as well as asyncckpt's ``step-0000000100``."""
+
+
+def plain_dcp(storage: Storage) -> list[tuple[int | None, str]]:
+    """(step, folder) of the plain DCP checkpoints (DCP's ``.metadata``, no manifest) at a root:
+    the root itself (step None), or its ``step-N`` folders.  A folder with asyncckpt's marker
+    is an unfinished save of asyncckpt's, not one of these."""
+    here = storage.list_files()
+    if MANIFEST_NAME in here or MARKER_NAME in here:
+        return []
+    if METADATA_NAME in here:
+        return [(None, "")]
+    found = []
+    for name in storage.list_dirs():
+        if (match := _PLAIN_STEP.fullmatch(name)) is not None:
+            files = storage.list_files(name)
+            if METADATA_NAME in files and MANIFEST_NAME not in files and MARKER_NAME not in files:
+                found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def _plain_pick(storage: Storage, plain: Sequence[tuple[int | None, str]], which: int | str | None,
+                verb: str) -> tuple[int | None, Storage]:
+    """The plain DCP checkpoint ``which`` names (None or latest: the newest)."""
+    steps = [s for s, _ in plain if s is not None]
+    if which in (None, "latest"):
+        step, rel = plain[-1]
+        return step, storage.child(rel) if rel else storage
+    if isinstance(which, str):
+        raise ConfigError(f"{which} needs metrics, and {storage.url} holds plain DCP checkpoints "
+                          "without manifests (none records a metric): name a step")
+    for step, rel in plain:
+        if step == which:
+            return step, storage.child(rel)
+    have = f"steps: {', '.join(map(str, steps))}" if steps else "one, at the root itself: no step"
+    raise AsyncCkptError(f"no checkpoint at step {which} to {verb} under {storage.url} "
+                         f"(plain DCP {have})")
+
+
+def _plain_problems(folder: Storage) -> list[str]:
+    """What is wrong with a plain DCP checkpoint that its sizes show: ``.metadata`` unreadable,
+    a file it names missing or shorter than its items reach (no checksums to compare)."""
+    from .safe_metadata import load_metadata  # loads torch
+
+    files = folder.list_files()
+    try:
+        md = load_metadata(folder.read_bytes(METADATA_NAME), folder.url_of(METADATA_NAME))
+    except AsyncCkptError as e:
+        return [str(e)]
+    ends: dict[str, int] = {}
+    for info in md.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, end in sorted(ends.items()):
+        if name not in files:
+            problems.append(f"{folder.url_of(name)}: missing")
+        elif files[name] < end:
+            problems.append(f"{folder.url_of(name)}: expected at least {end} bytes, found {files[name]}")
+    return problems
+
+
+def _list_plain(storage: Storage, plain: Sequence[tuple[int | None, str]], as_json: bool) -> int:
+    rows = []
+    for step, rel in plain:
+        files = storage.list_files(rel)
+        rows.append({"step": step, "path": storage.url_of(rel), "bytes": sum(files.values()),
+                     "files": len(files), "plain_dcp": True, "checksums": False})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    note = PLAIN_NOTE if len(rows) == 1 else \
+        PLAIN_NOTE.replace("checkpoint, no manifest", "checkpoints, no manifests")
+    print(f"{storage.url}: {note}")
+    print(_table([["-" if r["step"] is None else str(r["step"]), _human(r["bytes"]), str(r["files"]),
+                   r["path"]] for r in rows], ["step", "size", "files", "path"]))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .release import with_release_tags  # torch-free
 
     storage = _storage(args)
     manifests = with_release_tags(storage, list_committed(storage))
+    if not manifests and (plain := plain_dcp(storage)):
+        return _list_plain(storage, plain, args.json)
     policy = Retention(best_metric=args.metric, best_mode=args.mode) if args.metric and args.mode else None
     tags = best_tags(manifests, policy, [args.metric] if args.metric else None)  # else: as recorded
     infos = [CheckpointInfo.from_manifest(m, storage.url_of(step_dir_name(m.step)), tags.get(m.step, ()))
@@ -103,29 +264,66 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_steps(storage: Storage, which: int | str | None) -> list[int]:
+    """The steps ``verify`` checks: every one with a manifest (None), or the one named, which
+    must have a manifest (readable or not: a damaged one is a failed check)."""
+    if which is None:
+        return manifest_steps(storage)
+    if isinstance(which, int) and which in manifest_steps(storage):
+        return [which]
+    if isinstance(which, int) and which in {c.step for c in (*list_quarantined(storage),
+                                                             *list_abandoned(storage))}:
+        return []  # set aside: reported as such, not as missing
+    return [_select(list_committed(storage), which, storage.url, "verify").step]
+
+
+def _verify_plain(storage: Storage, plain: Sequence[tuple[int | None, str]],
+                  which: int | str | None, as_json: bool) -> int:
+    """verify on plain DCP checkpoints: their sizes against their ``.metadata``; exit 1 if bad."""
+    picked = [(s, storage.child(rel) if rel else storage) for s, rel in plain] if which is None \
+        else [_plain_pick(storage, plain, which, "verify")]
+    report = {folder.url: (step, _plain_problems(folder)) for step, folder in picked}
+    bad = {url: p for url, (_, p) in report.items() if p}
+    if as_json:
+        print(json.dumps({"ok": not bad, "plain_dcp": True, "checksums": False,
+                          "checked": [s if s is not None else url for url, (s, _) in report.items()],
+                          "problems": bad}, indent=1))
+        return 1 if bad else 0
+    for url, (step, problems) in report.items():
+        print(f"{url if step is None else f'step {step}'}: {'ok' if not problems else 'DAMAGED'} "
+              f"({PLAIN_NOTE})")
+        for p in problems:
+            print(f"  {p}")
+    return 1 if bad else 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = _storage(args)
+    if not manifest_steps(storage) and (plain := plain_dcp(storage)):
+        return _verify_plain(storage, plain, args.step, args.json)
     report: dict[int, list[str]] = {}
     manifests = {}
-    for step in [args.step] if args.step is not None else manifest_steps(storage):
+    steps = _verify_steps(storage, args.step)
+    one = None if args.step is None else steps[0] if steps else args.step
+    for step in steps:
         try:
             manifests[step] = read_manifest(storage, step)
         except CorruptCheckpointError as e:  # a damaged manifest is a failed check, not bad input
             report[step] = [str(e)]
         except StorageError:
-            if args.step is not None or is_committed(storage, step):
+            if one is not None or is_committed(storage, step):
                 raise  # deleted since listing (a job's retention): not checked, not damaged
     with _progress(sum(m.total_bytes for m in manifests.values()), "verify") as bar:
         for step, manifest in manifests.items():
             problems = verify_checkpoint(storage, step, manifest, bar.update)
-            if problems is None and args.step is not None:
+            if problems is None and one is not None:
                 raise CheckpointNotFoundError(f"at step {step} (deleted while it was verified)",
                                               storage.url, [m.step for m in list_committed(storage)])
             if problems is not None:
                 report[step] = problems
     bad = {s: p for s, p in report.items() if p}
-    aside = [q for q in list_quarantined(storage) if args.step is None or q.step == args.step]
-    abandoned = [a for a in list_abandoned(storage) if args.step is None or a.step == args.step]
+    aside = [q for q in list_quarantined(storage) if one is None or q.step == one]
+    abandoned = [a for a in list_abandoned(storage) if one is None or a.step == one]
     if args.json:
         print(json.dumps({"ok": not bad, "checked": sorted(report), "problems": bad,
                           "quarantined": [q.to_dict() for q in aside],
@@ -149,9 +347,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .release import with_release_tags  # torch-free
 
     storage = _storage(args)
-    policy = Retention(keep_last=args.keep_last, keep_best=args.keep_best, best_metric=args.metric,
-                       best_mode=args.mode, keep_every_n_steps=args.keep_every,
-                       keep_epoch_ends=args.keep_epoch_ends)
+    policy = _retention(args)
     if not args.dry_run and not args.ignore_lease and (holder := live_holder(storage)) is not None:
         raise LeaseError(f"{storage.url} is being written by a running job ({holder.describe()}); "
                          "its manager prunes by its own retention. Pass --ignore-lease to prune anyway")
@@ -181,38 +377,137 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from .errors import CheckpointExistsError
-    from .release import checkpoint_weights, dtype_name, prepare, write_weights  # loads torch
+FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+"""The weights formats ``export`` tells from OUT's extension; a name without one is a folder (dcp)."""
 
-    storage = _storage(args)
-    dtype = dtype_name(args.dtype)
-    m = select(list_committed(storage), "latest" if args.step is None else args.step, storage.url)
+
+def export_format(out: str, given: str | None) -> str:
+    """The format ``export`` writes ``out`` in: ``given`` (``--format``), else the one its
+    name says (``FORMATS``; a name ending in ``/`` or without an extension: dcp).  A name that
+    says another format than ``given`` is an error naming both."""
+    name = out.rstrip("/").rpartition("/")[2]
+    ext = "." + name.rpartition(".")[2].lower() if "." in name.lstrip(".") else ""
+    said = "dcp" if out.endswith("/") else FORMATS.get(ext)
+    if given is not None and said is not None and said != given:
+        raise ConfigError(f"--format {given} does not match OUT {out}: "
+                          f"{'a folder' if said == 'dcp' else ext} means {said}")
+    if given is not None:
+        return given
+    if said is None and ext:
+        raise ConfigError(f"cannot tell the format of {out} from its extension {ext!r}: pass "
+                          "--format safetensors, torch or dcp, or name it .safetensors or .pt")
+    return said or "dcp"
+
+
+def _export_target(args: argparse.Namespace, fmt: str) -> tuple[Storage, str]:
+    """(the folder to write in, the file name; "" for a dcp folder), OUT made ready."""
+    from .errors import CheckpointExistsError
+
+    if fmt == "dcp":
+        out = Storage(args.out.rstrip("/") or "/")
+        here, dirs = out.list_files(), out.list_dirs()
+        dcp_only = bool(here) and not dirs and all(n == ".metadata" or n.endswith(".distcp")
+                                                   for n in here)
+        if out.isfile() or ((here or dirs) and not (args.force and dcp_only)):
+            what = "a file" if out.isfile() else "a folder that is not empty"
+            hint = "; pass --force to replace it" if dcp_only else \
+                ": asyncckpt replaces only a folder of DCP files (.metadata, *.distcp), with --force"
+            raise CheckpointExistsError(f"{out.url} is {what}{hint}")
+        if here:
+            out.remove("", recursive=True)
+        out.makedirs()
+        return out, ""
     parent, _, name = args.out.rstrip("/").rpartition("/")
     out = Storage(parent or ".")
     if out.exists(name) and not args.force:
         raise CheckpointExistsError(f"{out.url_of(name)} already exists; pass --force to replace it")
     out.makedirs()
-    with _progress(2 * m.total_bytes, "export") as bar:  # coarse: read, then write
-        tensors = prepare(checkpoint_weights(storage.child(step_dir_name(m.step)), m, model=args.model),
-                          dtype)
-        bar.update(m.total_bytes)
-        entry = write_weights(out, name, tensors, format=args.format,
-                              metadata={"format": "pt", "step": str(m.step)})
-        bar.update(m.total_bytes)
+    return out, name
+
+
+def _export_source(storage: Storage, args: argparse.Namespace) -> tuple[int | None, int, Any]:
+    """(step, bytes to read, a function returning the tensors) of the checkpoint to export: a
+    committed one (its model weights), else a plain DCP one (every tensor, by its DCP key)."""
+    from .release import checkpoint_weights, plain_dcp_weights  # loads torch
+
+    committed = list_committed(storage)
+    if not committed and (plain := plain_dcp(storage)):
+        step, folder = _plain_pick(storage, plain, args.step, "export")
+        return step, sum(folder.list_files().values()), lambda: plain_dcp_weights(folder)
+    m = _select(committed, args.step, storage.url, "export")
+    return m.step, m.total_bytes, lambda: checkpoint_weights(storage.child(step_dir_name(m.step)),
+                                                             m, model=args.model)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .release import dtype_name, prepare, write_dcp, write_weights  # loads torch
+
+    fmt = export_format(args.out, args.format)
+    storage = _storage(args)
+    dtype = dtype_name(args.dtype)
+    step, nbytes, read = _export_source(storage, args)
+    out, name = _export_target(args, fmt)
+    with _progress(2 * nbytes, "export") as bar:  # coarse: read, then write
+        tensors = prepare(read(), dtype)
+        bar.update(nbytes)
+        if fmt == "dcp":
+            size = sum(f.size for f in write_dcp(out, tensors))
+        else:
+            size = write_weights(out, name, tensors, format=fmt,
+                                 metadata={"format": "pt", **({} if step is None else {"step": str(step)})}).size
+        bar.update(nbytes)
+    what = "the plain DCP checkpoint" if step is None else f"step {step}"
     if args.json:
-        print(json.dumps({"step": m.step, "tensors": len(tensors), "bytes": entry.size,
-                          "format": args.format, "dtype": dtype, "path": out.url_of(name)}))
+        print(json.dumps({"step": step, "tensors": len(tensors), "bytes": size,
+                          "format": fmt, "dtype": dtype, "path": out.url_of(name)}))
         return 0
-    print(f"exported step {m.step}: {len(tensors)} tensors, {_human(entry.size)} "
-          f"({args.format}{'' if dtype is None else ', ' + dtype}) to {out.url_of(name)}")
+    print(f"exported {what}: {len(tensors)} tensors, {_human(size)} "
+          f"({fmt}{'' if dtype is None else ', ' + dtype}) to {out.url_of(name)}")
     return 0
 
 
-def _checkpoint(storage: Storage, step: int | None, manifests: Sequence[Any] | None = None) -> Any:
+def _json_file(path: str | None, flag: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {path}: cannot be read as JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} {path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """As ``CheckpointManager.release(step, ...)``, without opening a manager on the root."""
+    import datetime
+
+    import torch
+
+    from .release import Provenance, ReleaseOptions, checkpoint_weights, write_release
+
+    opts = ReleaseOptions(version=args.version, format=args.format, dtype=args.dtype,
+                          model=args.model, model_card=_json_file(args.card, "--card"),
+                          config=_json_file(args.config, "--config"))
+    storage = _storage(args)
+    m = _select(list_committed(storage), args.step, storage.url, "release")
+    tensors = checkpoint_weights(storage.child(step_dir_name(m.step)), m, model=opts.model)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    info = write_release(storage, opts, tensors, source=Provenance.of(m),
+                         torch_version=torch.__version__, now=now.replace("+00:00", "Z"))
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=1))
+        return 0
+    print(f"released step {m.step} as {info.version}: {_human(info.bytes)} ({info.format}"
+          f"{'' if info.dtype is None else '/' + info.dtype}) at {info.path}")
+    return 0
+
+
+def _checkpoint(storage: Storage, step: int | str | None, manifests: Sequence[Any] | None = None,
+                verb: str = "inspect") -> Any:
     """(manifest, folder, files by name) of a committed step (None: the latest)."""
-    m = select(list_committed(storage) if manifests is None else manifests,
-               "latest" if step is None else step, storage.url)
+    m = _select(list_committed(storage) if manifests is None else manifests, step, storage.url, verb)
     return m, storage.child(step_dir_name(m.step)), {f.path: f for f in m.files}
 
 
@@ -254,33 +549,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .dcp_io import describe  # loads torch
 
     storage = _storage(args)
-    m, folder, files = _checkpoint(storage, args.step)
-    items = describe(folder, files)
+    committed = list_committed(storage)
+    plain = plain_dcp(storage) if not committed else []
+    if plain:
+        step, folder = _plain_pick(storage, plain, args.step, "inspect")
+        m, files, head = None, {}, [f"{'' if step is None else f'step {step}  '}{folder.url}",
+                                    f"  {PLAIN_NOTE}"]
+    else:
+        m, folder, files = _checkpoint(storage, args.step, committed)
+        head = _manifest_lines(m, folder.url)
+    items = describe(folder, files, verify=not plain)
     stats = _tensor_stats(folder, files, items) if args.stats else {}
     if args.json:
-        print(json.dumps({"path": folder.url, "manifest": m.to_dict(),
+        print(json.dumps({"path": folder.url, "manifest": None if m is None else m.to_dict(),
+                          **({"plain_dcp": True} if plain else {}),
                           "items": [{**asdict(i), **({"stats": stats[i.key]} if i.key in stats else {})}
                                     for i in items]}, indent=1))
         return 0
-    print("\n".join(_manifest_lines(m, folder.url)))
+    print("\n".join(head))
+    _print_items(items, stats, args.stats)
+    return 0
+
+
+def _print_items(items: Sequence[Any], stats: dict[str, dict[str, Any]], with_stats: bool) -> None:
     rows = []
     for i in items:
-        ratio = f"{i.raw_bytes / i.stored_bytes:.2f}" if i.raw_bytes and i.stored_bytes else ""
+        ratio = f"{i.stored_bytes / i.raw_bytes:.2f}" if i.raw_bytes and i.stored_bytes else ""
         row = [i.key, i.kind, i.dtype or "", _shape(i.shape),
                "" if i.raw_bytes is None else _human(i.raw_bytes), _human(i.stored_bytes), ratio]
-        if args.stats:
+        if with_stats:
             st = stats.get(i.key) or {}
             row += ["" if st.get(k) is None else f"{st[k]:.4g}" for k in ("min", "max", "mean")]
             row.append(str(st.get("nonfinite", "")))
         rows.append(row)
-    print(_table(rows, ["key", "kind", "dtype", "shape", "bytes", "stored", "ratio"]
-                 + (["min", "max", "mean", "nan/inf"] if args.stats else [])))
+    print(_table(rows, ["key", "kind", "dtype", "shape", "bytes", "stored", "stored/raw"]
+                 + (["min", "max", "mean", "nan/inf"] if with_stats else [])))
     tensors = [i for i in items if i.kind == "tensor"]
     raw, stored = sum(i.raw_bytes for i in tensors), sum(i.stored_bytes for i in tensors)
     print(f"{len(tensors)} tensors: {_human(raw)}, {_human(stored)} stored"
-          + (f" (ratio {raw / stored:.2f})" if stored else "") + f"; {len(items) - len(tensors)} "
+          + (f" (stored/raw {stored / raw:.2f})" if stored and raw else "") + f"; {len(items) - len(tensors)} "
           f"objects: {_human(sum(i.stored_bytes for i in items if i.kind == 'object'))} stored")
-    return 0
 
 
 def _compare_objects(key: str, a: bytes, b: bytes) -> str | None:
@@ -324,7 +632,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     committed = list_committed(storage)
-    sides = [_checkpoint(storage, s, committed) for s in (args.step_a, args.step_b)]
+    sides = [_checkpoint(storage, s, committed, "diff") for s in (args.step_a, args.step_b)]
     (ma, fa, files_a), (mb, fb, files_b) = sides
     ia = {i.key: i for i in describe(fa, files_a)}
     ib = {i.key: i for i in describe(fb, files_b)}
@@ -448,9 +756,17 @@ def _write_text(path: str, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="asyncckpt", description="Inspect and manage asyncckpt checkpoints.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.add_argument("--version", action="version", version=f"asyncckpt {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command works too
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress to stderr")
     sub = p.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[verbose], **kw)  # type: ignore[method-assign]
 
     def root_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
@@ -470,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "abandoned branches (rolled back, kept under abandoned/)")
     sp.set_defaults(func=cmd_list)
     sp = root_cmd("verify", "check every file of committed checkpoints against its checksum")
-    sp.add_argument("step", nargs="?", type=int, help="one step (default: all)")
+    sp.add_argument("step", nargs="?", type=step_spec, help="one step (default: all): " + STEP_HELP)
     sp.set_defaults(func=cmd_verify)
     sp = root_cmd("prune", "delete checkpoints a retention policy drops")
     sp.add_argument("--keep-last", type=int, required=True, help="keep the newest N (>= 1)")
@@ -487,12 +803,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prune even while a running job holds the root's lease (.lease.json)")
     sp.set_defaults(func=cmd_prune)
     sp = sub.add_parser("export", help="write one checkpoint's model weights (no optimizer) "
-                        "to a single file")
+                        "to a single file, or to a plain uncompressed DCP folder")
     sp.add_argument("root", help="checkpoint root: a local path, or a URL on local disk, memory or an object store")
-    sp.add_argument("out", metavar="OUT", help="the weights file to write (path or URL)")
-    sp.add_argument("--step", type=int, default=None, help="the step to export (default: latest)")
-    sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
-                    help="safetensors (default) or torch (a torch.save dict of tensors)")
+    sp.add_argument("out", metavar="OUT", help="the weights file or DCP folder to write (path or "
+                    "URL); its extension gives the format: .safetensors, .pt/.pth (torch), a name "
+                    "without one or ending in / (dcp)")
+    sp.add_argument("--step", type=step_spec, default=None,
+                    help="the step to export (default: latest): " + STEP_HELP)
+    sp.add_argument("--format", default=None, choices=["safetensors", "torch", "dcp"],
+                    help="safetensors, torch (a torch.save dict of tensors) or dcp (a folder "
+                    "torch.distributed.checkpoint.load reads, uncompressed); default: OUT's extension")
     sp.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bf16, fp16, fp32")
     sp.add_argument("--model", default=None, help="which model of the TrainState (default: all)")
     sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -501,19 +821,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of a sentence")
     sp.set_defaults(func=cmd_export)
     sp = root_cmd("inspect", "show one checkpoint's manifest and its tensors (shape, dtype, bytes, "
-                  "compression ratio); nothing is unpickled")
-    sp.add_argument("step", nargs="?", type=int, help="the step (default: latest)")
+                  "stored/raw size ratio); nothing is unpickled")
+    sp.add_argument("step", nargs="?", type=step_spec, help="the step (default: latest): " + STEP_HELP)
     sp.add_argument("--stats", action="store_true", help="also read every tensor: min, max, mean, "
                     "NaN/Inf count")
     sp.set_defaults(func=cmd_inspect)
     sp = root_cmd("diff", "compare two checkpoints: tensors that changed (max abs difference), "
                   "objects, metrics side by side")
-    sp.add_argument("step_a", type=int, metavar="STEP_A")
-    sp.add_argument("step_b", type=int, metavar="STEP_B")
+    sp.add_argument("step_a", type=step_spec, metavar="STEP_A", help=STEP_HELP)
+    sp.add_argument("step_b", type=step_spec, metavar="STEP_B", help=STEP_HELP)
     sp.add_argument("--all", action="store_true", help="list unchanged items too")
     sp.set_defaults(func=cmd_diff)
     root_cmd("releases", "list the versioned releases under ROOT/releases").set_defaults(
         func=cmd_releases)
+    sp = root_cmd("release", "write one checkpoint's model weights as a versioned release "
+                  "(ROOT/releases/v<VERSION>/, with model_card.json), as CheckpointManager.release")
+    sp.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    sp.add_argument("--step", type=step_spec, default=None,
+                    help="the step to release (default: latest): " + STEP_HELP)
+    sp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
+                    help="model.safetensors (default) or model.pt")
+    sp.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bf16, fp16, fp32")
+    sp.add_argument("--model", default=None, help="which model of the TrainState (default: all)")
+    sp.add_argument("--card", default=None, metavar="CARD.json",
+                    help="a JSON object for the model card's \"card\" (description, license...)")
+    sp.add_argument("--config", default=None, metavar="CONFIG.json",
+                    help="a JSON object written as the release's config.json")
+    sp.set_defaults(func=cmd_release)
     sp = sub.add_parser("schedule", help="plan checkpoint steps from a YAML config's training: "
                         "section and write them as training.checkpoint_schedule")
     sp.add_argument("config", help="YAML file with a training: section")
@@ -536,13 +870,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except AsyncCkptError as e:
         print(f"asyncckpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"asyncckpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``asyncckpt list ROOT | head -1``): stop quietly, as
+    a command killed by SIGPIPE does (status 141), with nothing more written to stdout."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,6 +54,18 @@ log = logging.getLogger(__name__)
 
 METADATA_NAME = ".metadata"
 SHARD_SUFFIX = ".distcp"
+README_NAME = "README.txt"
+"""Written into every compressed checkpoint (listed in its manifest, so verified like a shard):
+what a user of plain DCP, whose ``dcp.load`` fails on it, should run instead."""
+README_TEXT = (
+    "This checkpoint was written by asyncckpt with zstd compression.\n"
+    "Plain torch.distributed.checkpoint.load cannot read it (torch then says\n"
+    "\"re-run with weights_only=False\": that will not help).\n"
+    "Read it with asyncckpt (CheckpointManager.restore), or write a plain copy of\n"
+    "its model weights:\n"
+    "  asyncckpt export --format dcp ROOT --step N OUT     (a folder dcp.load reads)\n"
+    "  asyncckpt export --format torch ROOT --step N OUT.pt\n"
+    "(ROOT is the folder above this one; N is this checkpoint's step.)\n")
 
 
 def unwrap_failures(exc: BaseException) -> dict[int, BaseException]:
@@ -204,7 +216,15 @@ class CheckpointWriter(StorageWriter):
             out = _codec.ChecksumWriter(raw)
             pickle.dump(metadata, out)
         self._record(FileEntry(path=METADATA_NAME, size=out.nbytes, checksum=out.hexdigest()))
+        if self.codec is not None:
+            self._write_readme()
         self.storage.fsync_dir()
+
+    def _write_readme(self) -> None:
+        data = README_TEXT.encode()
+        with self.storage.open_write(README_NAME) as f:
+            f.write(data)
+        self._record(FileEntry(path=README_NAME, size=len(data), checksum=_codec.checksum_bytes(data)))
 
     def storage_meta(self) -> Any:
         return None

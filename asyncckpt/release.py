@@ -342,6 +342,30 @@ def checkpoint_weights(folder: Storage, manifest: Manifest, *, model: str | None
     return out
 
 
+def plain_dcp_weights(folder: Storage) -> dict[str, torch.Tensor]:
+    """Every tensor of a plain DCP checkpoint (no manifest, so no checksums), full, on CPU,
+    under its DCP key; read through ``CheckpointReader`` (nothing unpickled)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .dcp_io import CheckpointReader, reraise_own
+    from .planner import SafeLoadPlanner
+
+    reader = CheckpointReader(folder, verify=False)
+    target = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+              for key, meta in reader.read_metadata().state_dict_metadata.items()
+              if isinstance(meta, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(folder.url), no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
+        reraise_own(e)
+        raise
+    return target
+
+
 def state_weights(state: TrainState, *, model: str | None = None) -> dict[str, torch.Tensor]:
     """The full (gathered) model tensors of a live ``TrainState``, on CPU.
 
@@ -439,6 +463,25 @@ def write_weights(storage: Storage, rel: str, tensors: Mapping[str, torch.Tensor
         else:
             torch.save(dict(tensors), out)
     return FileEntry(path=rel.rsplit("/", 1)[-1], size=out.nbytes, checksum=out.hexdigest())
+
+
+def write_dcp(folder: Storage, tensors: Mapping[str, torch.Tensor]) -> list[FileEntry]:
+    """Write prepared tensors as a plain, uncompressed DCP checkpoint in ``folder`` (shards and
+    ``.metadata``, durable; no manifest) that ``torch.distributed.checkpoint.load`` reads into a
+    state dict with the same keys; returns its files."""
+    import torch.distributed.checkpoint as dcp
+
+    from .dcp_io import CheckpointWriter, reraise_own
+
+    writer = CheckpointWriter(folder, codec=None)
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled...": intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(dict(tensors), storage_writer=writer, no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:  # DCP's is a BaseException
+        reraise_own(e)
+        raise
+    return sorted(writer.files, key=lambda f: f.path)
 
 
 def write_release(storage: Storage, options: ReleaseOptions, tensors: Mapping[str, torch.Tensor], *,

@@ -80,6 +80,7 @@ def test_list_table_and_json_show_step_epoch_time_size_tags_metrics(tmp_path, ca
     assert header.split() == ["step", "epoch", "time", "size", "branch", "tags", "metrics"]
     assert row.split()[:3] == ["7", "2", info.time]
     assert row.split()[-3:] == ["user:x", "acc=0.5", "loss=0.125"] and " KB" in row
+    (tmp_path / "empty").mkdir()
     assert _run(capsys, "list", tmp_path / "empty")[1].startswith("no committed checkpoints under")
 
 
@@ -102,9 +103,10 @@ def test_prune_warns_about_a_missing_metric(root, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--keep-last", "-1"], "keep_last=-1 is not valid"),
-    (["--keep-last", "2", "--keep-best", "-3", "--metric", "loss"], "keep_best=-3 is not valid"),
-    (["--keep-last", "2", "--keep-best", "1"], "best_metric=None is not valid"),
+    (["--keep-last", "-1"], "--keep-last -1 is not valid: expected an integer >= 1"),
+    (["--keep-last", "2", "--keep-best", "-3", "--metric", "loss"], "--keep-best -3 is not valid"),
+    (["--keep-last", "2", "--keep-best", "1"], "expected --metric NAME too"),
+    (["--keep-last", "2", "--keep-every", "0"], "--keep-every 0 is not valid"),
 ])
 def test_prune_bad_values_exit_2_naming_them(root, capsys, argv, words):
     code, _, err = _run(capsys, "prune", root, *argv)

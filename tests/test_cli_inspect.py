@@ -56,10 +56,12 @@ def test_inspect_lists_tensors_with_shapes_dtypes_bytes_and_ratio(run, capsys):
     _, doc, _ = _run(capsys, "inspect", str(root), "2", "--json")
     item = next(i for i in json.loads(doc)["items"] if i["key"] == "model/model.0.weight")
     assert item["raw_bytes"] == 32 * 64 * 4 and 0 < item["stored_bytes"]
-    assert line.split()[-1] == f"{item['raw_bytes'] / item['stored_bytes']:.2f}"   # ratio column
+    assert line.split()[-1] == f"{item['stored_bytes'] / item['raw_bytes']:.2f}"   # stored/raw
+    assert float(line.split()[-1]) < 1  # compressed: smaller than raw, as README and COMPRESSION.md say
+    assert "stored/raw" in out.splitlines()[6]  # the column is labelled
     tensors = [i for i in json.loads(doc)["items"] if i["kind"] == "tensor"]
     raw, stored = sum(i["raw_bytes"] for i in tensors), sum(i["stored_bytes"] for i in tensors)
-    assert f"(ratio {raw / stored:.2f})" in out
+    assert f"(stored/raw {stored / raw:.2f})" in out
 
 
 def test_inspect_json_matches_the_model(run, capsys):

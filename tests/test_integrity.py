@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from asyncckpt import CheckpointManager, TrainState, cli
-from asyncckpt.dcp_io import METADATA_NAME, load_metadata
+from asyncckpt.dcp_io import METADATA_NAME, README_NAME, README_TEXT, load_metadata
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.manifest import MANIFEST_NAME
 
@@ -100,6 +100,9 @@ def _positions(folder: Path) -> list[tuple[str, int, str]]:
         if len(spans) < 10:  # few, large items: more positions inside them
             out += [(name, size * i // 10, "spread") for i in range(1, 10)]
         out.append((name, size - 1, "last byte"))
+    if (folder / README_NAME).exists():  # compressed: the note for plain DCP users
+        size = (folder / README_NAME).stat().st_size
+        out += [(README_NAME, 0, "readme"), (README_NAME, size - 1, "readme last byte")]
     return sorted(set(out))
 
 
@@ -253,7 +256,8 @@ def test_compressed_items_carry_their_own_crcs_with_verify_off(ckpt: Ckpt) -> No
     assert ckpt.codec == "zstd"
     state = _state(9)
     failures = []
-    positions = [p for p in _positions(ckpt.folder) if p[0] != METADATA_NAME]
+    # README.txt is a note for people, not data: only the file checksums (verify=True) cover it
+    positions = [p for p in _positions(ckpt.folder) if p[0] not in (METADATA_NAME, README_NAME)]
     assert len(positions) >= 30
     for i, (name, offset, what) in enumerate(positions):
         path = ckpt.folder / name
@@ -321,6 +325,11 @@ def test_codec_of_each_file_is_recorded_and_either_format_reads_back(tmp_path: P
     assert manifest["codec"] == compression
     codecs = {f["path"]: f["codec"] for f in manifest["files"]}
     assert codecs.pop(METADATA_NAME) is None
+    if compression:  # a note to plain DCP users, verified like the shards
+        assert codecs.pop(README_NAME) is None
+        assert (root / "step-0000000001" / README_NAME).read_text() == README_TEXT
+    else:  # plain DCP already: dcp.load reads it
+        assert README_NAME not in codecs and not (root / "step-0000000001" / README_NAME).exists()
     assert codecs and set(codecs.values()) == {compression}
     loaded = _mixed_state(2)
     other = {"compression": None} if compression else {}  # the reader follows the manifest

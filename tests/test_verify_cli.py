@@ -117,8 +117,9 @@ def test_unreadable_manifest_is_reported_not_skipped(root: Path,
 
 
 def test_unknown_step_is_bad_input(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["verify", str(root), "7"]) == 2
-    assert "step-0000000007" in capsys.readouterr().err
+    assert cli.main(["verify", str(root), "7"]) == 2  # the words inspect, diff and export use
+    err = capsys.readouterr().err
+    assert f"no checkpoint at step 7 under {root} (committed steps: 1, 2, 3)" in err, err
     with CheckpointManager(root) as mgr, pytest.raises(LookupError, match="7"):
         mgr.verify(7)
 
