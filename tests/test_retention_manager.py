@@ -438,14 +438,15 @@ def test_kill_in_the_middle_of_pruning_leaves_only_restorable_checkpoints(tmp_pa
     for k, root, seen in zip(KILL_AT, roots, results):
         err = (tmp_path / f"kill{k}.err").read_text()[-2000:]
         assert len(seen) == k, f"child for kill point {k} ended early:\n{err}"
-        _check_after_crash(root, k)
+        _check_after_crash(root, k, per_checkpoint=len(list((base / "step-0000000001").iterdir())) + 1)
 
 
-def _check_after_crash(root: Path, kill_at: int) -> None:
+def _check_after_crash(root: Path, kill_at: int, *, per_checkpoint: int) -> None:
+    """``per_checkpoint``: the deletions one checkpoint takes (its files, then its folder)."""
     storage = Storage(root)
     listed = [m.step for m in list_committed(storage)]
-    gone = (kill_at - 1) // 6  # checkpoints whose manifest and files are all deleted
-    half = (kill_at - 1) % 6 > 0  # one more with its manifest deleted
+    gone = (kill_at - 1) // per_checkpoint  # checkpoints whose manifest and files are all deleted
+    half = (kill_at - 1) % per_checkpoint > 0  # one more with its manifest deleted
     assert listed == list(range(1 + gone + half, 7)), kill_at
     for m in list_committed(storage):  # every listed checkpoint is whole...
         assert verify_files(storage.child(f"step-{m.step:010d}"), m) == []
