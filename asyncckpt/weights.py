@@ -25,7 +25,7 @@ from .foreign import find_foreign, is_own_layout, weight_keys
 from .manifest import MANIFEST_NAME, Manifest, select, step_dir_name
 from .release import checkpoint_weights, is_release, release_weights
 from .restore import _load, check_map_location
-from .retention import Retention
+from .retention import best_step_for
 from .storage import Storage, list_committed, read_folder_manifest
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ def load_weights(source: str | os.PathLike[str], which: int | str = "latest", *,
                  storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The state dict (``{fqn: tensor}``) of one model saved at ``source``, on ``map_location``.
 
-    ``which`` picks a checkpoint of a root: ``"latest"``, a step number, or
-    ``"best:<metric>"`` (by a metric recorded with ``save(metrics=...)``, ranked as
-    ``Retention(best_metric=<metric>)`` ranks it); it must be ``"latest"`` for any other
-    source.  ``model_name`` picks one model of a checkpoint or release that holds several.
+    ``which`` picks a checkpoint of a root: ``"latest"``, a step number, ``"best"`` (by the
+    metric and mode the run's retention recorded in its manifests) or ``"best:<metric>"`` (a
+    metric recorded with ``save(metrics=...)``, in its recorded mode, else lowest first), as
+    ``restore`` ranks them; it must be ``"latest"`` for any other source.  ``model_name`` picks one model of a checkpoint or release that holds several.
     """
     device = check_map_location(map_location) or torch.device("cpu")
     storage = Storage(os.fspath(source), storage_options)
@@ -65,16 +65,15 @@ def load_weights(source: str | os.PathLike[str], which: int | str = "latest", *,
 def _chosen(storage: Storage, which: int | str) -> Manifest:
     manifests = list_committed(storage)
     if isinstance(which, str) and which.startswith("best"):
-        metric = which.partition(":")[2]
-        if not metric:
-            raise ConfigError.field("which", which, '"best:<metric>" naming a metric the '
-                                    "checkpoints recorded (the root does not record the "
-                                    "manager's retention metric)")
-        step = Retention(best_metric=metric).best_step(manifests, metric)
-        if step is None:
-            raise CheckpointNotFoundError(f"with metric {metric!r}", storage.url,
+        metric = which.partition(":")[2] or None
+        found = best_step_for(manifests, metric, None)
+        if found is None:
+            raise ConfigError.field("which", which, '"best:<metric>": the checkpoints under '
+                                    f"{storage.url} record no ranking metric")
+        if found[1] is None:
+            raise CheckpointNotFoundError(f"with metric {found[0]!r}", storage.url,
                                           [m.step for m in manifests])
-        which = step
+        which = found[1]
     return select(manifests, which, storage.url)
 
 

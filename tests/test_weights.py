@@ -66,6 +66,18 @@ def test_best_needs_a_metric_and_missing_steps_are_named(root):
         asyncckpt.load_weights(path / "step-0000000020", 10)
 
 
+def test_best_follows_the_ranking_the_run_recorded(tmp_path):
+    """A run that kept the best by ``acc`` (max) records it: ``"best"`` needs no metric then."""
+    models = {}
+    with CheckpointManager(tmp_path / "run", retention=asyncckpt.Retention(
+            keep_last=3, best_metric="acc", best_mode="max", keep_best=1)) as mgr:
+        for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7)):
+            models[step] = _nets(step)
+            mgr.save(step, TrainState(model=models[step]), metrics={"acc": acc}).result()
+    assert _equal(asyncckpt.load_weights(tmp_path / "run", "best"), models[20])
+    assert _equal(asyncckpt.load_weights(tmp_path / "run", "best:acc"), models[20])  # its mode: max
+
+
 def test_checksums_are_verified(root):
     path, _ = root
     shard = next((path / "step-0000000030").glob("*.distcp"))
