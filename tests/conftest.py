@@ -9,6 +9,16 @@ import pytest
 from helpers_faulty_fs import FaultyFS, new_faulty_fs
 
 
+SLOW_TIMEOUT_S = 3600
+"""The per-test deadline of tests marked ``slow`` (others get pyproject's ``timeout``)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
 @pytest.fixture
 def faulty_fs() -> Iterator[type[FaultyFS]]:
     """A local filesystem under its own ``faultyN://`` protocol; see helpers_faulty_fs."""

@@ -151,7 +151,7 @@ def main2(out: dict[str, Any], folder: Path) -> None:
         next(it)
         h2 = mgr.save(2, state)
         expected_rng, expected_batch = torch.rand(4).tolist(), next(it)[0].tolist()
-        h2.result()
+        h2.result(timeout=120)
         out["save2"] = handle_report(h2)
         out["replans"] = mgr._plans.replans
         out["planned"] = mgr._plans._plan.planned_bytes
@@ -162,7 +162,7 @@ def main2(out: dict[str, Any], folder: Path) -> None:
             faulty.fail_on_write(1)
         h3 = mgr.save(3, state)
         try:
-            h3.result()
+            h3.result(timeout=120)
             out["save3_error"] = None
         except SaveError as e:
             out["save3_error"] = {"failed_ranks": sorted(e.failures)}
@@ -207,7 +207,7 @@ def main2(out: dict[str, Any], folder: Path) -> None:
     with CheckpointManager(folder / "ddp2b", pinned_memory_budget=budget) as mgr:
         h = mgr.save(1, state)
         out["direct_committed_on_return"] = h.committed(timeout=0)
-        h.result()
+        h.result(timeout=120)
         mgr.wait()
         out["direct_listed"] = [i.step for i in mgr.list()]
     # staging fails on rank 1 only (its buffer allocation fails): the save fails on both
@@ -218,7 +218,7 @@ def main2(out: dict[str, Any], folder: Path) -> None:
             mgr._stager.cpu_host._allocate = no_memory  # type: ignore[method-assign]
         try:
             h = mgr.save(1, state)
-            h.result()
+            h.result(timeout=120)
             out["stage_fault"] = None
         except (SaveError, ConfigError, MemoryError) as e:
             out["stage_fault"] = type(e).__name__

@@ -76,7 +76,7 @@ def main() -> int:
             print(f"STOPPED step {step + 1} chained={int(loader.signalled)}", flush=True)
             break
         if handle is not None:
-            handle.result()
+            handle.result(timeout=120)
         print(f"READY step {step + 1}", flush=True)
         loader.block_when_signalled = sys.stdin.readline().strip() == "block"
     mgr.close()

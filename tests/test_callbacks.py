@@ -49,7 +49,7 @@ def test_a_raising_on_commit_is_logged_and_never_breaks_saves(tmp_path, caplog):
         with CheckpointManager(tmp_path / "ckpt", on_commit=on_commit,
                                retention=Retention(keep_last=1)) as mgr:
             for step in (1, 2, 3):
-                mgr.save(step, state).result()
+                mgr.save(step, state).result(timeout=120)
             mgr.wait()  # nothing latched: no error raised here or by close()
             assert [i.step for i in mgr.list()] == [2, 3]  # retention still ran
     assert "on_commit callback raised" in caplog.text and "webhook down" in caplog.text
@@ -64,13 +64,13 @@ def test_on_failure_gets_step_and_error(tmp_path, faulty_fs):
         faulty_fs.fail_on_write(1)
         handle = mgr.save(4, state)
         with pytest.raises(SaveError):
-            handle.result()
+            handle.result(timeout=120)
         assert len(calls) == 1  # called before the handle finished
         step, err, thread = calls[0]
         assert step == 4 and isinstance(err, SaveError) and thread != threading.main_thread().name
         with pytest.raises(SaveError):
             mgr.wait()
-        mgr.save(5, state).result()
+        mgr.save(5, state).result(timeout=120)
     assert len(calls) == 1
 
 
@@ -83,7 +83,7 @@ def test_a_raising_on_failure_keeps_the_original_error(tmp_path, faulty_fs, capl
         with CheckpointManager(faulty_fs.url(tmp_path / "ckpt"), on_failure=on_failure) as mgr:
             faulty_fs.fail_on_write(1)
             with pytest.raises(SaveError):
-                mgr.save(1, state).result()
+                mgr.save(1, state).result(timeout=120)
             with pytest.raises(SaveError):  # the save's error, not the callback's
                 mgr.wait()
     assert "on_failure callback raised" in caplog.text and "pager down" in caplog.text

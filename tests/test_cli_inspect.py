@@ -33,9 +33,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[
             model(torch.randn(8, 64)).sum().backward()
             opt.step()
             sched.step()
-            mgr.save(step, state, metrics={"loss": 1.0 / step}, tags=["t"]).result()
+            mgr.save(step, state, metrics={"loss": 1.0 / step}, tags=["t"]).result(timeout=120)
             weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        mgr.save(3, state, metrics={"loss": 0.5}).result()
+        mgr.save(3, state, metrics={"loss": 0.5}).result(timeout=120)
     return root, weights
 
 
@@ -125,7 +125,7 @@ def test_inspect_and_diff_never_unpickle_code(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(state_mod, "to_blob", evil_blob)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         for step in (1, 2):
-            mgr.save(step, TrainState(model=nn.Linear(2, 2), extra={"n": step})).result()
+            mgr.save(step, TrainState(model=nn.Linear(2, 2), extra={"n": step})).result(timeout=120)
     monkeypatch.undo()
     assert _run(capsys, "inspect", str(tmp_path / "ckpt"), "--stats")[0] == 0
     code, out, _ = _run(capsys, "diff", str(tmp_path / "ckpt"), "1", "2", "--json")

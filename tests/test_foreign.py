@@ -419,7 +419,7 @@ def test_an_asyncckpt_root_is_never_read_as_a_torchtitan_root(tmp_path):
 
     model, opt, sched = _run(0)
     with CheckpointManager(tmp_path / "run", compression=None) as mgr:
-        mgr.save(5, TrainState(model=model)).result()
+        mgr.save(5, TrainState(model=model)).result(timeout=120)
     (tmp_path / "run" / "step-0000000005" / "manifest.json").unlink()  # as if uncommitted
     assert find_foreign(Storage(str(tmp_path / "run"))) is None
     save_torchtitan(model, opt, sched, tmp_path / "tt", 0)

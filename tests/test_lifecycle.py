@@ -83,7 +83,7 @@ _RESTORE_AND_EXIT = textwrap.dedent("""
 
     def save(path):
         with CheckpointManager(path, compression=None) as mgr:
-            mgr.save(1, state).result()
+            mgr.save(1, state).result(timeout=120)
 
     def restore(path):
         mgr = CheckpointManager(path, compression=None)

@@ -130,13 +130,13 @@ def test_saving_an_existing_step_needs_overwrite(tmp_path):
     model = _net(0)
     state = TrainState(model=model)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(5, state).result()
+        mgr.save(5, state).result(timeout=120)
         with pytest.raises(CheckpointExistsError, match="overwrite=True"):
             mgr.save(5, state)
         with torch.no_grad():
             model[0].weight.fill_(3.0)
         expected = _snapshot(model)
-        mgr.save(5, state, overwrite=True).result()
+        mgr.save(5, state, overwrite=True).result(timeout=120)
         assert _steps(mgr) == [5]
 
     fresh = _net(1)
@@ -166,7 +166,7 @@ def test_restore_with_nothing_saved_returns_zero_and_changes_nothing(mgr):
 
 def test_missing_key_is_named(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=_net(layers=1))).result()
+        mgr.save(1, TrainState(model=_net(layers=1))).result(timeout=120)
         with pytest.raises(StateMismatchError, match=r"1\.weight") as ei:
             mgr.restore(TrainState(model=_net(layers=2)))
     assert "missing" in str(ei.value)
@@ -176,7 +176,7 @@ def test_missing_key_is_named(tmp_path):
 def test_missing_key_with_strict_false_loads_the_rest(tmp_path):
     src = _net(0, layers=1)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=src)).result()
+        mgr.save(1, TrainState(model=src)).result(timeout=120)
         dst = _net(1, layers=2)
         untouched = dst[1].weight.detach().clone()
         assert mgr.restore(TrainState(model=dst), strict=False) == 1
@@ -186,14 +186,14 @@ def test_missing_key_with_strict_false_loads_the_rest(tmp_path):
 
 def test_unexpected_key_is_named(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=_net(layers=2))).result()
+        mgr.save(1, TrainState(model=_net(layers=2))).result(timeout=120)
         with pytest.raises(StateMismatchError, match=r"1\.weight"):
             mgr.restore(TrainState(model=_net(layers=1)))
 
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=_net(hidden=8))).result()
+        mgr.save(1, TrainState(model=_net(hidden=8))).result(timeout=120)
         live = _net(1, hidden=6)
         before = _snapshot(live)
         with pytest.raises(StateMismatchError) as ei:
@@ -210,7 +210,7 @@ def test_include_restores_only_the_chosen_parts(tmp_path):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=model, optimizer=opt, extra={"k": 1})).result()
+        mgr.save(1, TrainState(model=model, optimizer=opt, extra={"k": 1})).result(timeout=120)
         model2 = _net(1)
         opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
         extra2: dict = {}
@@ -245,7 +245,7 @@ def test_values_are_those_at_save_time(tmp_path, faulty_fs):
         extra["epoch"] = 99
         extra["hist"].append(2.0)
         faulty_fs.release()
-        handle.result()
+        handle.result(timeout=120)
 
     fresh = _net(1)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
@@ -272,7 +272,7 @@ def test_a_second_save_never_waits_for_the_first_ones_write(tmp_path, faulty_fs)
         assert second.staged(timeout=0) is True and second.bytes_staged > 0
         assert first.committed(timeout=0) is False and second.committed(timeout=0) is False
         faulty_fs.release()
-        assert [first.result().step, second.result().step] == [1, 2]
+        assert [first.result(timeout=120).step, second.result(timeout=120).step] == [1, 2]
         assert _steps(mgr) == [1, 2]
 
 
@@ -293,9 +293,9 @@ def test_handle_while_the_writer_is_held(tmp_path, faulty_fs):
             mgr.save(4, state)
         assert _steps(mgr) == []          # nothing exists before its manifest does
         faulty_fs.release()
-        info = handle.result()
+        info = handle.result(timeout=120)
         assert handle.done() is True
-        assert handle.committed() is True
+        assert handle.committed(timeout=120) is True
         assert info.step == 4 and info.committed
         assert handle.bytes_written == info.bytes > 0
         assert _steps(mgr) == [4]
@@ -313,7 +313,7 @@ def test_many_saves_in_a_row_all_commit(tmp_path, max_pending):
                 model[0].bias.fill_(float(step))
             expected[step] = _snapshot(model)
             handles.append(mgr.save(step, state))
-        infos = [h.result() for h in handles]
+        infos = [h.result(timeout=120) for h in handles]
         assert all(h.done() and h.committed(timeout=0) for h in handles)
         assert [i.step for i in infos] == list(range(1, 7))
         assert _steps(mgr) == list(range(1, 7))
@@ -347,13 +347,13 @@ def _fail_second_save(faulty_fs, tmp_path, on_error="raise", fail_at=1):
     model = _net(0)
     state = TrainState(model=model)
     mgr = CheckpointManager(faulty_fs.url(tmp_path / "ckpt"), on_error=on_error)
-    mgr.save(1, state).result()
+    mgr.save(1, state).result(timeout=120)
     snapshot = _snapshot(model)
     with torch.no_grad():
         model[0].weight.mul_(2)
     faulty_fs.fail_on_write(fail_at)
     handle = mgr.save(2, state)           # returns: the failure happens in the background
-    handle.committed()
+    assert handle.committed(timeout=120), "the failing save never finished"
     faulty_fs.disarm()
     assert faulty_fs.failures == 1
     return mgr, handle, state, snapshot
@@ -372,7 +372,7 @@ def _assert_step1_restorable(tmp_path, snapshot):
 def test_failed_save_is_raised_by_the_next_call(tmp_path, faulty_fs, surface):
     mgr, handle, state, snapshot = _fail_second_save(faulty_fs, tmp_path)
     with pytest.raises(SaveError) as ei:
-        handle.result()
+        handle.result(timeout=120)
     assert ei.value.step == 2 and "injected write failure" in str(ei.value)
     cause = ei.value.failures[0]          # DCP's wrapper is unwrapped to the real error
     assert isinstance(cause, StorageError) and "step-0000000002" in str(cause)
@@ -388,7 +388,7 @@ def test_failed_save_is_raised_by_the_next_call(tmp_path, faulty_fs, surface):
         else:
             mgr.close()
     if surface != "close":                # raised once; the manager goes on working
-        mgr.save(3, state).result()
+        mgr.save(3, state).result(timeout=120)
         assert _steps(mgr) == [1, 3]
         mgr.close()
     else:
@@ -399,7 +399,7 @@ def test_failed_save_is_raised_by_the_next_call(tmp_path, faulty_fs, surface):
 def test_failure_at_any_write_leaves_only_committed_checkpoints(tmp_path, faulty_fs, where):
     probe = CheckpointManager(faulty_fs.url(tmp_path / "probe"))
     faulty_fs.reset_count()
-    probe.save(1, TrainState(model=_net(0))).result()
+    probe.save(1, TrainState(model=_net(0))).result(timeout=120)
     writes_per_save = faulty_fs.writes
     probe.close()
     assert writes_per_save >= 3
@@ -407,7 +407,7 @@ def test_failure_at_any_write_leaves_only_committed_checkpoints(tmp_path, faulty
 
     mgr, handle, _, snapshot = _fail_second_save(faulty_fs, tmp_path, fail_at=fail_at)
     with pytest.raises(SaveError):
-        handle.result()
+        handle.result(timeout=120)
     assert _steps(mgr) == [1]
     with pytest.raises(SaveError):
         mgr.close()
@@ -418,12 +418,12 @@ def test_on_error_warn_logs_and_training_goes_on(tmp_path, faulty_fs, caplog):
     caplog.set_level(logging.ERROR, logger="asyncckpt")
     mgr, handle, state, snapshot = _fail_second_save(faulty_fs, tmp_path, on_error="warn")
     with pytest.raises(SaveError):
-        handle.result()                   # the handle still tells the truth
+        handle.result(timeout=120)                   # the handle still tells the truth
     failures = [r for r in caplog.records if r.levelno == logging.ERROR and "step=2" in r.getMessage()]
     assert failures and "injected write failure" in failures[0].getMessage()
 
     mgr.wait()
-    info = mgr.save(3, state).result()
+    info = mgr.save(3, state).result(timeout=120)
     assert info.step == 3
     mgr.close()
     with CheckpointManager(tmp_path / "ckpt") as again:
@@ -546,11 +546,11 @@ def test_newer_format_version_is_an_error_when_asked_for(tmp_path):
 def test_damaged_shard_falls_back_for_latest_and_raises_when_asked_for(tmp_path):
     model = _net(0)
     mgr = CheckpointManager(tmp_path / "ckpt")
-    mgr.save(1, TrainState(model=model)).result()
+    mgr.save(1, TrainState(model=model)).result(timeout=120)
     expected = _snapshot(model)
     with torch.no_grad():
         model[0].weight.add_(1)
-    mgr.save(2, TrainState(model=model)).result()
+    mgr.save(2, TrainState(model=model)).result(timeout=120)
     shard = next(p for p in (tmp_path / "ckpt" / "step-0000000002").iterdir() if p.suffix == ".distcp")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -599,7 +599,7 @@ def test_manifest_records_provenance_and_every_file(tmp_path, monkeypatch, in_gi
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path
     model = _net()
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(3, TrainState(model=model), epoch=1).result()
+        mgr.save(3, TrainState(model=model), epoch=1).result(timeout=120)
     folder = tmp_path / "ckpt" / "step-0000000003"
     raw = json.loads((folder / "manifest.json").read_text())
     assert next(iter(raw)) == "format_version"
@@ -640,7 +640,7 @@ def test_maybe_save_does_nothing_unless_forced(mgr):
     state = TrainState(model=_net())
     assert mgr.maybe_save(1, state) is None
     handle = mgr.maybe_save(2, state, force=True, epoch_end=True)
-    assert handle is not None and handle.result().step == 2
+    assert handle is not None and handle.result(timeout=120).step == 2
     assert "epoch_end" in mgr.list()[0].tags
 
 
@@ -650,11 +650,11 @@ def test_forced_maybe_save_of_a_step_save_took_does_not_save_it_again(mgr, caplo
     first = mgr.save(5, state, metrics={"loss": 1.0}, blocking=blocking)
     caplog.set_level(logging.DEBUG, logger="asyncckpt")
     assert mgr.maybe_save(5, state, force=True, metrics={"loss": 9.0}) is None   # used to raise
-    assert first.result().step == 5
+    assert first.result(timeout=120).step == 5
     assert [(i.step, i.metrics) for i in mgr.list()] == [(5, {"loss": 1.0})]   # the first save's
     said = [r for r in caplog.records if "already saved in this run" in r.getMessage()]
     assert [r.levelno for r in said] == [logging.DEBUG] and said[0].getMessage().startswith("step=5 ")
-    assert mgr.maybe_save(6, state, force=True).result().step == 6             # other steps still save
+    assert mgr.maybe_save(6, state, force=True).result(timeout=120).step == 6             # other steps still save
     with pytest.raises(CheckpointExistsError):
         mgr.save(5, state)                                                     # save() itself refuses
 
@@ -666,7 +666,7 @@ def test_a_step_whose_blocking_save_failed_can_be_forced_again(tmp_path, faulty_
         with pytest.raises(SaveError):
             mgr.save(3, state, blocking=True)
         faulty_fs.disarm()
-        assert mgr.maybe_save(3, state, force=True).result().step == 3   # not committed: saved now
+        assert mgr.maybe_save(3, state, force=True).result(timeout=120).step == 3   # not committed: saved now
         assert _steps(mgr) == [3]
 
 
@@ -678,7 +678,7 @@ def _plain_checkpoint(tmp_path):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     with CheckpointManager(tmp_path / "ckpt", compression=None) as mgr:
-        info = mgr.save(3, TrainState(model=model, optimizer=opt)).result()
+        info = mgr.save(3, TrainState(model=model, optimizer=opt)).result(timeout=120)
     return model, info.path
 
 

@@ -108,11 +108,11 @@ def test_a_mirror_that_falls_behind_skips_to_the_newest_without_blocking(tmp_pat
     faulty_fs.pause()                                   # every write to the backup waits
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
         mgr = CheckpointManager(tmp_path / "p", backup=faulty_fs.url(tmp_path / "b"))
-        mgr.save(1, state).result()
+        mgr.save(1, state).result(timeout=120)
         assert faulty_fs.paused.wait(30)                # the mirror is stuck copying step 1
         for step in (2, 3, 4):                          # training and commits go on meanwhile
             _step(model)
-            mgr.save(step, state).result()
+            mgr.save(step, state).result(timeout=120)
         faulty_fs.release()
         mgr.close()
     assert _steps(tmp_path / "p") == [1, 2, 3, 4]
@@ -127,7 +127,7 @@ def test_a_mirror_failure_is_latched_and_surfaces_per_on_error(tmp_path, faulty_
     mgr = CheckpointManager(tmp_path / "p", backup=faulty_fs.url(tmp_path / "b"), on_error=on_error)
     faulty_fs.fail_on_write(1)
     with caplog.at_level(logging.ERROR, logger="asyncckpt"):
-        mgr.save(1, state).result()                     # the save itself commits
+        mgr.save(1, state).result(timeout=120)                     # the save itself commits
         if on_error == "raise":
             with pytest.raises(StorageError, match="injected write failure"):
                 mgr.wait()

@@ -73,7 +73,7 @@ def test_bad_selections_are_refused(kw):
 
 def test_naming_a_model_the_state_lacks_is_refused(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=_net(0))).result()
+        mgr.save(1, TrainState(model=_net(0))).result(timeout=120)
         with pytest.raises(ConfigError, match=r"\['model'\]"):
             mgr.restore(TrainState(model=_net(1)), include=["model:encoder"])
 
@@ -83,7 +83,7 @@ def test_naming_a_model_the_state_lacks_is_refused(tmp_path):
 def test_model_only_restore_leaves_optimizer_scheduler_and_rng_untouched(tmp_path):
     model, opt, sched = _trained(0)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(7, TrainState(model=model, optimizer=opt, scheduler=sched, extra={"k": 1})).result()
+        mgr.save(7, TrainState(model=model, optimizer=opt, scheduler=sched, extra={"k": 1})).result(timeout=120)
         model2, opt2, sched2 = _trained(1)
         before_opt, before_lr = _opt_state(opt2), sched2.state_dict()
         extra2 = {"k": 5}
@@ -105,7 +105,7 @@ def test_model_only_restore_leaves_optimizer_scheduler_and_rng_untouched(tmp_pat
 def test_one_of_several_models_by_name(tmp_path):
     enc, dec = _net(0), _net(1)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model={"enc": enc, "dec": dec})).result()
+        mgr.save(1, TrainState(model={"enc": enc, "dec": dec})).result(timeout=120)
         enc2, dec2 = _net(2), _net(3)
         dec2_before = _net(3)
         mgr.restore(TrainState(model={"enc": enc2, "dec": dec2}), include=["model:enc"])
@@ -122,7 +122,7 @@ def test_optimizer_by_name(tmp_path):
         m(torch.randn(2, 4)).sum().backward()
         o.step()
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model={"a": a, "b": b}, optimizer={"a": oa, "b": ob})).result()
+        mgr.save(1, TrainState(model={"a": a, "b": b}, optimizer={"a": oa, "b": ob})).result(timeout=120)
         a2, b2 = _net(0), _net(1)
         oa2 = torch.optim.SGD(a2.parameters(), lr=0.1, momentum=0.9)
         ob2 = torch.optim.SGD(b2.parameters(), lr=0.1, momentum=0.9)
@@ -138,7 +138,7 @@ def test_optimizer_by_name(tmp_path):
 def test_strict_false_reports_missing_and_unexpected(tmp_path, caplog):
     src = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8))          # has 1.*
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(3, TrainState(model=src)).result()
+        mgr.save(3, TrainState(model=src)).result(timeout=120)
         dst = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # has 2.*, lacks 1.*
         with pytest.raises(StateMismatchError):
             mgr.restore(TrainState(model=dst))
@@ -155,7 +155,7 @@ def test_strict_false_reports_missing_and_unexpected(tmp_path, caplog):
 def test_strict_false_leaves_a_mismatched_optimizer_whole(tmp_path):
     src, opt, _ = _trained(0)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=src, optimizer=opt)).result()
+        mgr.save(1, TrainState(model=src, optimizer=opt)).result(timeout=120)
         dst = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Linear(2, 2))
         opt2 = torch.optim.AdamW(dst.parameters(), lr=0.1)
         mgr.restore(TrainState(model=dst, optimizer=opt2), strict=False)
@@ -165,7 +165,7 @@ def test_strict_false_leaves_a_mismatched_optimizer_whole(tmp_path):
 
 def test_shapes_must_match_even_when_not_strict(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=_net(0, out=2))).result()
+        mgr.save(1, TrainState(model=_net(0, out=2))).result(timeout=120)
         with pytest.raises(StateMismatchError, match="shape"):
             mgr.restore(TrainState(model=_net(1, out=3)), strict=False)
 
@@ -173,7 +173,7 @@ def test_shapes_must_match_even_when_not_strict(tmp_path):
 def test_a_missing_object_is_reported(tmp_path):
     model, opt, sched = _trained(0)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, TrainState(model=model, optimizer=opt)).result()
+        mgr.save(1, TrainState(model=model, optimizer=opt)).result(timeout=120)
         mgr.restore(TrainState(model=model, optimizer=opt, scheduler=sched))
         assert mgr.last_restore_report.missing == ["scheduler"]
 
@@ -207,7 +207,7 @@ def test_a_checkpoint_saved_on_a_gpu_restores_on_cpu(tmp_path, monkeypatch):
     extra = {"ema": torch.arange(4.0)}
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         monkeypatch.setattr(state_mod, "to_blob", _as_if_saved_on_cuda)
-        mgr.save(1, TrainState(model=model, extra=extra, rng=False)).result()
+        mgr.save(1, TrainState(model=model, extra=extra, rng=False)).result(timeout=120)
         monkeypatch.undo()
         blob = _as_if_saved_on_cuda({"t": torch.ones(1)})
         if not torch.cuda.is_available():
@@ -225,7 +225,7 @@ def test_a_checkpoint_saved_on_a_gpu_restores_on_cpu(tmp_path, monkeypatch):
 def test_initial_from_loads_model_only_when_the_run_has_no_checkpoint(tmp_path):
     pre, pre_opt, _ = _trained(0)
     with CheckpointManager(tmp_path / "pretrain") as mgr:
-        mgr.save(500, TrainState(model=pre, optimizer=pre_opt)).result()
+        mgr.save(500, TrainState(model=pre, optimizer=pre_opt)).result(timeout=120)
 
     model, opt, _ = _trained(1)
     opt_before = _opt_state(opt)
@@ -239,7 +239,7 @@ def test_initial_from_loads_model_only_when_the_run_has_no_checkpoint(tmp_path):
         with torch.no_grad():
             model[0].weight.add_(1.0)
         expected = {k: v.clone() for k, v in model.state_dict().items()}
-        mgr.save(10, TrainState(model=model, optimizer=opt)).result()
+        mgr.save(10, TrainState(model=model, optimizer=opt)).result(timeout=120)
 
     fresh, fresh_opt, _ = _trained(7)
     with CheckpointManager(tmp_path / "finetune", **kw) as mgr:   # a restart: its own checkpoint wins
@@ -250,7 +250,7 @@ def test_initial_from_loads_model_only_when_the_run_has_no_checkpoint(tmp_path):
 def test_initial_from_a_release_and_from_a_checkpoint_folder(tmp_path):
     pre = _net(0)
     with CheckpointManager(tmp_path / "pretrain") as mgr:
-        mgr.save(5, TrainState(model=pre)).result()
+        mgr.save(5, TrainState(model=pre)).result(timeout=120)
         info = mgr.release(5, version="1.0.0")
         step_folder = mgr.list()[0].path
     for source in (info.path, step_folder):

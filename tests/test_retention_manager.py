@@ -129,7 +129,7 @@ def test_epoch_end_and_milestone_tags_come_from_maybe_save(tmp_path):
 def test_maybe_save_epoch_end_without_schedule_tags_forced_saves(tmp_path):
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         assert mgr.maybe_save(1, _state(1), epoch_end=True) is None  # no schedule: not saved
-        mgr.maybe_save(2, _state(2), epoch_end=True, force=True).result()
+        mgr.maybe_save(2, _state(2), epoch_end=True, force=True).result(timeout=120)
         assert _tags(mgr) == {2: (EPOCH_END_TAG,)}
 
 

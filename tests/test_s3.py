@@ -230,7 +230,7 @@ def test_round_trip_and_bit_exact_resume_on_s3(s3_bucket) -> None:
     model, opt, sched = _model()
     _train(model, opt, sched, 3)
     with CheckpointManager(_root(s3_bucket), storage_options=s3_bucket["options"]) as mgr:
-        info = mgr.save(3, TrainState(model=model, optimizer=opt, scheduler=sched)).result()
+        info = mgr.save(3, TrainState(model=model, optimizer=opt, scheduler=sched)).result(timeout=120)
         assert info.path == f"{_root(s3_bucket)}/step-0000000003"
     sched_saved = sched.state_dict()
     expected_losses = _train(model, opt, sched, 3)
@@ -256,7 +256,7 @@ def test_retention_on_s3_leaves_exactly_the_kept_prefixes(s3_bucket) -> None:
                            retention=Retention(keep_last=2)) as mgr:
         for step in range(1, 6):
             _train(model, opt, sched, 1)
-            mgr.save(step, state).result()
+            mgr.save(step, state).result(timeout=120)
         mgr.wait()
         assert [i.step for i in mgr.list()] == [4, 5]
     keys = _keys(s3_bucket)
@@ -293,7 +293,7 @@ def test_transient_failures_during_a_save_are_retried_and_it_commits(s3_bucket, 
     opts = h.options(s3_proxy.url, **h.NO_CLIENT_RETRIES)
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
         with CheckpointManager(_root(s3_bucket), storage_options=opts) as mgr:
-            mgr.save(1, TrainState(model=model, optimizer=opt, scheduler=sched)).result()
+            mgr.save(1, TrainState(model=model, optimizer=opt, scheduler=sched)).result(timeout=120)
             assert mgr.verify() == {1: []}
     assert s3_proxy.faults_served == 4
     assert "transient error" in caplog.text
@@ -309,7 +309,7 @@ def test_a_permanent_failure_leaves_nothing_visible(s3_bucket, s3_proxy, on_erro
                        status=403, code="AccessDenied")
     handle = mgr.save(2, state)
     with pytest.raises(SaveError) as ei:
-        handle.result()
+        handle.result(timeout=120)
     assert ei.value.step == 2 and "PermissionError" in str(ei.value)
     assert mgr.list() == []
     assert not any("step-0000000002/manifest.json" in k for k in _keys(s3_bucket))
@@ -341,10 +341,10 @@ def test_credentials_never_reach_logs_errors_or_manifests(s3_bucket, s3_proxy, c
         chain(ei.value)
         opts = h.options(s3_proxy.url, **h.NO_CLIENT_RETRIES)
         with CheckpointManager(_root(s3_bucket), storage_options=opts, on_error="warn") as mgr:
-            mgr.save(1, state).result()
+            mgr.save(1, state).result(timeout=120)
             s3_proxy.fail_next(1000, lambda m, p: m == "PUT", status=403, code="AccessDenied")
             handle = mgr.save(2, state)
-            handle.committed()
+            assert handle.committed(timeout=120), "the failing save never finished"
             chain(handle.exception())
             s3_proxy.fail_next(1000, lambda m, p: True, status=503, code="SlowDown")
             with pytest.raises(StorageError) as ei:

@@ -115,7 +115,7 @@ def test_milestone_passed_before_a_later_plain_save_is_not_saved_again_after_res
     state = _state(layers=4)                                   # 1088 trainable
     with CheckpointManager(tmp_path / "ckpt", schedule=schedule) as mgr:
         assert mgr.maybe_save(1, state) is not None
-        mgr.save(5, state).result()
+        mgr.save(5, state).result(timeout=120)
         assert _committed(mgr) == {1: ("milestone:1K",), 5: ()}
     frozen = _state(layers=4)
     for layer in list(frozen.models["model"])[1:]:

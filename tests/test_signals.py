@@ -80,7 +80,8 @@ def test_install_off_the_main_thread_warns(restore_handlers: dict, caplog: pytes
     result = []
     thread = threading.Thread(target=lambda: result.append(StopSignals().install()))
     thread.start()
-    thread.join()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
     assert result == [False] and "only be installed from the main thread" in caplog.text
     assert signal.getsignal(signal.SIGTERM) == restore_handlers[signal.SIGTERM]
 
@@ -123,7 +124,7 @@ def test_signal_grace_bounds_the_wait_for_the_final_save(tmp_path: Path, restore
         assert faulty_fs.paused.wait(30) and not handle.committed(timeout=0)   # still held
         assert any("did not commit within signal_grace_s=0.2" in r.getMessage() for r in caplog.records)
         faulty_fs.release()
-    assert handle.result().step == 5
+    assert handle.result(timeout=120).step == 5
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         assert [i.step for i in mgr.list()] == [5]
 

@@ -182,7 +182,7 @@ def test_manager_prewarm_then_saves_never_allocate_again(tmp_path) -> None:
         mgr.prewarm(state)
         mgr._stager._prewarm.join(timeout=30)
         for step in range(1, 21):
-            mgr.save(step, state).result()
+            mgr.save(step, state).result(timeout=120)
         assert mgr._stager.host.allocations == 1
         assert mgr._stager.host.allocated_bytes <= 2 * layout_bytes(layout_of(state.tensors()))
 

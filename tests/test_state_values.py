@@ -242,7 +242,7 @@ PLACES: dict[str, tuple[Callable[[Any], TrainState], Callable[[TrainState], Any]
 
 def _round_trip(root: Any, src: TrainState, dst: TrainState) -> None:
     with CheckpointManager(root) as mgr:
-        mgr.save(1, src).result()
+        mgr.save(1, src).result(timeout=120)
     with CheckpointManager(root) as mgr:
         assert mgr.restore(dst) == 1
 
@@ -302,7 +302,7 @@ def test_saved_value_is_not_changed_in_the_live_state(tmp_path):
     value = {"m": np.float64(0.5), "pair": Pair(1, 2)}
     state = _extra(value)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        mgr.save(1, state).result()
+        mgr.save(1, state).result(timeout=120)
     assert type(value["m"]) is np.float64 and type(value["pair"]) is Pair
 
 

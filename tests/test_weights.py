@@ -35,7 +35,7 @@ def root(tmp_path):
     with CheckpointManager(tmp_path / "run") as mgr:
         for step, loss in ((10, 0.5), (20, 0.2), (30, 0.4)):
             models[step] = _nets(step)
-            mgr.save(step, TrainState(model=models[step]), metrics={"loss": loss}).result()
+            mgr.save(step, TrainState(model=models[step]), metrics={"loss": loss}).result(timeout=120)
     return tmp_path / "run", models
 
 
@@ -73,7 +73,7 @@ def test_best_follows_the_ranking_the_run_recorded(tmp_path):
             keep_last=3, best_metric="acc", best_mode="max", keep_best=1)) as mgr:
         for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7)):
             models[step] = _nets(step)
-            mgr.save(step, TrainState(model=models[step]), metrics={"acc": acc}).result()
+            mgr.save(step, TrainState(model=models[step]), metrics={"acc": acc}).result(timeout=120)
     assert _equal(asyncckpt.load_weights(tmp_path / "run", "best"), models[20])
     assert _equal(asyncckpt.load_weights(tmp_path / "run", "best:acc"), models[20])  # its mode: max
 
@@ -91,7 +91,7 @@ def test_checksums_are_verified(root):
 def test_one_model_of_several_by_name(tmp_path):
     enc, dec = _nets(1), _nets(2)
     with CheckpointManager(tmp_path / "run") as mgr:
-        mgr.save(1, TrainState(model={"enc": enc, "dec": dec})).result()
+        mgr.save(1, TrainState(model={"enc": enc, "dec": dec})).result(timeout=120)
     assert _equal(asyncckpt.load_weights(tmp_path / "run", model_name="dec"), dec)
     with pytest.raises(ConfigError, match="enc"):
         asyncckpt.load_weights(tmp_path / "run", model_name="nope")
