@@ -239,6 +239,10 @@ def test_abandoned_parallel_encoding_does_not_hang() -> None:
         next(pieces)
         next(pieces)
         pieces.close()  # type: ignore[attr-defined]
+        with pytest.raises(StopIteration):
+            next(pieces)
+        # the pool is not left busy with the abandoned chunks: new work runs at once
+        assert pool.submit(sum, (1, 2)).result(timeout=30) == 3
 
 
 # ------------------------------------------------------------ compression ratio

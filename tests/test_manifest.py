@@ -91,7 +91,11 @@ def test_step_dir_name(step, name):
 def test_step_dir_name_round_trips_and_sorts(step):
     name = step_dir_name(step)
     assert parse_step_dir(name) == step
-    assert (name < step_dir_name(step + 1)) if step < MAX_STEP else True
+    if step < MAX_STEP:
+        assert name < step_dir_name(step + 1)      # names sort as their steps do
+    else:
+        with pytest.raises(ConfigError):           # and no step sorts past the last name
+            step_dir_name(step + 1)
 
 
 @pytest.mark.parametrize("name, step", [

@@ -225,7 +225,13 @@ def test_read_of_a_missing_file_names_it(storage):
 def test_check_writable_leaves_nothing_behind(storage):
     storage.check_writable()
     assert storage.list_files() == {}
-    storage.fsync_dir()                                 # a no-op where it does not apply
+    storage.fsync_dir()
+    if storage.is_local:                                # a real fsync: a missing folder fails, named
+        with pytest.raises(StorageError, match="no-such-folder"):
+            storage.fsync_dir("no-such-folder")
+    else:                                               # a no-op where folders are not durable things
+        storage.fsync_dir("no-such-folder")
+    assert storage.list_files() == {}
 
 
 # -- fsspec wrappers of the local disk ---------------------------------------------------------
