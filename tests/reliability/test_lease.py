@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -121,7 +122,9 @@ def test_an_expired_heartbeat_is_taken_over_a_fresh_one_is_not(tmp_path: Path, c
     _foreign(root, age_s=5)
     with pytest.raises(LeaseError) as err:
         CheckpointManager(root)
-    assert "host other-host pid 4242 since" in str(err.value) and "last heartbeat 5s ago" in str(err.value)
+    assert "host other-host pid 4242 since" in str(err.value)
+    age = re.search(r"last heartbeat (\d+)s ago", str(err.value))   # 5 s, plus however slow this is
+    assert age and 5 <= int(age.group(1)) < 60, str(err.value)
     _foreign(root, age_s=3600)
     with CheckpointManager(root, **FAST) as mgr:
         assert read_holder(mgr.storage).host == socket.gethostname()
