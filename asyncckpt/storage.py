@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
+from urllib.parse import unquote
 
 import fsspec
 from fsspec.spec import AbstractBufferedFile
@@ -63,6 +64,30 @@ _CREDENTIAL_NAME = re.compile(r"secret|token|passw|credential|access_key|key_id|
 def redact(url: str) -> str:
     """The URL without any ``user:secret@`` part."""
     return _USERINFO.sub(r"\1", str(url))
+
+
+def credentials_in_url(url: str) -> tuple[str, ...]:
+    """The ``user`` and ``secret`` of every ``proto://user:secret@...`` part of a URL chain."""
+    found: list[str] = []
+    for part in str(url).split("::"):
+        m = _USERINFO.match(part)
+        if m:
+            userinfo = part[len(m.group(1)):m.end() - 1]
+            found += [v for v in (*userinfo.split(":", 1), unquote(userinfo)) if len(v) >= 4]
+    return tuple(found)
+
+
+_NO_USERINFO = ("s3", "s3a", "gs", "gcs")
+"""Object stores whose URLs have no ``user:secret@`` part (s3fs and gcsfs read it as the bucket)."""
+
+
+def _refuse_url_credentials(part: str, redacted: str) -> None:
+    proto = fsspec.core.split_protocol(part)[0]
+    if proto in _NO_USERINFO and _USERINFO.match(part):
+        raise ConfigError(f"checkpoint root {redacted}: credentials in a {proto}:// URL are not "
+                          f"read ({proto}:// would take 'user:secret@bucket' for the bucket's name); "
+                          "pass them in storage_options (e.g. {'key': ..., 'secret': ...}), a "
+                          "profile, or the environment")
 
 
 def credentials_in(options: Mapping[str, Any] | None) -> tuple[str, ...]:
@@ -147,8 +172,10 @@ class Storage:
         self.url = redact(url).rstrip("/")
         self.retry = retry or Retry()
         self.upload = upload or Upload()
-        self._credentials = credentials_in(storage_options)
+        self._credentials = tuple(sorted({*credentials_in(storage_options), *credentials_in_url(url)},
+                                         key=len, reverse=True))
         for part in url.split("::"):  # before connecting: http, ftp, zip, github... never can
+            _refuse_url_credentials(part, self.url)
             _check_can_hold(part, self.url)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))

@@ -332,9 +332,48 @@ def test_redact_removes_credentials(url, expected):
     assert redact(url) == expected
 
 
-def test_storage_url_and_errors_never_carry_credentials():
-    err = StorageError("write", redact("s3://user:secret@bucket/x"), OSError("denied"))
-    assert "secret" not in str(err) and "bucket/x" in str(err)
+def _chain(e: BaseException | None) -> str:
+    """Every message of an exception and the causes a traceback shows with it."""
+    out = []
+    while e is not None:
+        out.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return "\n".join(out)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("s3_server", ["seaweedfs"], indirect=True)   # moto takes any key
+def test_a_failing_s3_root_never_shows_the_credentials_of_its_options(s3_bucket, caplog) -> None:
+    import torch
+
+    from asyncckpt import CheckpointManager, TrainState
+
+    key_id, secret = "AKIAUNKNOWNKEY0001", "Sup3rSecretValue/xyz"      # an unknown key: a real refusal
+    opts = {**s3_bucket["options"], "key": key_id, "secret": secret}
+    caplog.set_level("DEBUG", logger="asyncckpt")
+    with pytest.raises(StorageError) as ei:
+        with CheckpointManager(f"s3://{s3_bucket['name']}/run", storage_options=opts) as mgr:
+            mgr.save(1, TrainState(model=torch.nn.Linear(2, 2)), blocking=True)
+    shown = _chain(ei.value) + caplog.text
+    assert "InvalidAccessKeyId" in shown or "access key" in shown.lower(), shown
+    assert key_id not in shown and secret not in shown, shown
+
+
+def test_credentials_in_an_s3_url_are_refused_without_being_shown() -> None:
+    with pytest.raises(ConfigError) as ei:
+        Storage("s3://AKIAINURL0001:UrlSecretValue@bucket/run")     # s3fs: a bucket of that name
+    text = _chain(ei.value)
+    assert "s3://bucket/run" in text and "storage_options" in text, text
+    assert "AKIAINURL0001" not in text and "UrlSecretValue" not in text, text
+
+
+def test_credentials_a_url_keeps_in_its_paths_are_scrubbed_from_errors() -> None:
+    st = Storage(f"memory://agent:PathSecretValue@{uuid.uuid4().hex}/run")  # memory:// keeps them
+    assert "PathSecretValue" not in st.url
+    with pytest.raises(StorageError) as ei:
+        st.read_bytes("missing.json")
+    text = _chain(ei.value)
+    assert "missing.json" in text and "PathSecretValue" not in text, text
 
 
 @pytest.mark.parametrize("exc, transient", [
