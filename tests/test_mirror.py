@@ -7,6 +7,7 @@ and SeaweedFS on loopback (marker ``s3``).  Faults come from the real ``faulty_f
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.errors import ConfigError, CorruptCheckpointError, ForeignFolderError, StorageError
-from asyncckpt.manifest import Manifest
+from asyncckpt.manifest import MANIFEST_NAME, Manifest
 from asyncckpt.mirror import Mirror, with_backup
 from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import MARKER_NAME, Storage, list_committed
@@ -71,7 +72,44 @@ def test_with_backup_orders_the_copies(primary, backup, latest, expected) -> Non
 
 # -- mirroring ---------------------------------------------------------------------------
 
-def test_mirror_copies_each_commit_manifest_last_under_its_own_retention(tmp_path) -> None:
+class _WriteLog(dict):
+    """A memory filesystem's store that records the order in which files become visible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def __setitem__(self, path: str, value: Any) -> None:
+        self.order.append(path)
+        super().__setitem__(path, value)
+
+
+def test_the_backup_manifest_is_written_after_every_file_of_its_checkpoint(tmp_path) -> None:
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    proto = f"writelog{uuid.uuid4().hex[:8]}"
+    fs_cls = type("WriteLogMemory", (MemoryFileSystem,),
+                  {"protocol": (proto,), "store": _WriteLog(), "pseudo_dirs": [""]})
+    fsspec.register_implementation(proto, fs_cls, clobber=True)
+    state, model = _state()
+    with CheckpointManager(tmp_path / "primary", backup=f"{proto}://backup") as mgr:
+        for step in (1, 2):
+            _step(model)
+            mgr.save(step, state)
+            mgr.wait()
+    for step in (1, 2):
+        name = f"step-{step:010d}"
+        files = {f["path"] for f in json.loads((tmp_path / "primary" / name / MANIFEST_NAME).read_text())["files"]}
+        writes = [w.split(f"/{name}/", 1)[1] for w in fs_cls.store.order if f"/{name}/" in w]
+        assert set(writes) == files | {MARKER_NAME, MANIFEST_NAME}, writes
+        assert writes[0] == MARKER_NAME, writes              # the folder is claimed first
+        assert writes[-1] == MANIFEST_NAME and writes.count(MANIFEST_NAME) == 1, writes
+
+
+def test_mirror_copies_each_commit_under_its_own_retention(tmp_path) -> None:
     state, model = _state()
     with CheckpointManager(tmp_path / "primary", backup=str(tmp_path / "backup"),
                            retention=Retention(keep_last=3),
