@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import time
 from os import PathLike
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -143,6 +144,13 @@ class ManagerOptions:
     later), ``"delete"`` deletes them, ``"refuse"`` makes the save raise
     ``RollbackRefusedError``.  A WARNING says which steps went where."""
 
+    retry: Any = None
+    """How storage calls retry transient failures (5xx, throttling, resets): a
+    ``storage.Retry`` (attempts, backoff, deadline), for the backup too; None: ``Retry()``."""
+    clock: Callable[[], float] = time.monotonic
+    """Monotonic seconds: what ``every_seconds`` and the ``auto`` plan's measured save cost
+    read.  A simulation or a test passes its own."""
+
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
             raise ConfigError.field("compression", self.compression, '"zstd" or None')
@@ -190,6 +198,11 @@ class ManagerOptions:
         for name in ("on_commit", "on_failure"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise ConfigError.field(name, getattr(self, name), "a callable or None")
+        if self.retry is not None and not (callable(getattr(self.retry, "call", None))
+                                           and hasattr(self.retry, "attempts")):
+            raise ConfigError.field("retry", self.retry, "an asyncckpt.storage.Retry or None")
+        if not callable(self.clock):
+            raise ConfigError.field("clock", self.clock, "a callable returning monotonic seconds")
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "ManagerOptions":

@@ -136,10 +136,11 @@ class CheckpointManager:
             backup=backup, storage_options=storage_options, on_error=on_error, **options))
         upload = Upload(part_bytes=self.options.upload_part_bytes,
                         concurrency=self.options.upload_concurrency)
-        self.storage = Storage(root, self.options.storage_options, upload=upload)
+        self.storage = Storage(root, self.options.storage_options, upload=upload, retry=self.options.retry)
         self.root = self.storage.url
         self.backup_storage = (Storage(self.options.backup, self.options.backup_storage_options,
-                                       upload=upload) if self.options.backup else None)
+                                       upload=upload, retry=self.options.retry)
+                               if self.options.backup else None)
         self.rank, self.world_size = _dist.rank(), _dist.world_size()
         self._fg_group = _dist.new_cpu_group()
         self._bg_group = _dist.new_cpu_group()
@@ -395,7 +396,8 @@ class CheckpointManager:
         for name, flag in (("epoch_end", epoch_end), ("force", force)):
             if type(flag).__name__ not in ("bool", "bool_"):  # Python's or numpy's
                 raise ConfigError.field(name, flag, "True or False")
-        now, sched, st = time.monotonic(), self.schedule, self._schedule_state
+        clock = self.options.clock
+        now, sched, st = clock(), self.schedule, self._schedule_state
         st.tick(step, now)
         decision = None
         if sched is not None:
@@ -419,11 +421,11 @@ class CheckpointManager:
             extra.append(f"signal:{signal_name(got)}" if got is not None else "signal")
             log.warning("step=%d rank=%d: %s: saving now and stopping (a second signal exits at once)",
                         step, self.rank, extra[-1])
-        started = time.monotonic()
+        started = clock()
         if decision is not None:  # before save(): its manifest records the milestones reached
             st.mark_milestones(decision.milestones)
         handle = self.save(step, state, metrics=metrics, epoch=epoch, tags=[*tags, *extra])
-        st.record_save(step, now, stall_s=time.monotonic() - started)  # milestones marked above
+        st.record_save(step, now, stall_s=clock() - started)  # milestones marked above
         self._last_handle = handle
         if signalled:
             self._stop_after(handle)
@@ -831,7 +833,7 @@ class CheckpointManager:
             top = max([state.trainable_param_count(), *m.milestones_reached,
                        *(ms for ms in milestones if f"milestone:{format_params(ms)}" in m.tags)])
             self._schedule_state.mark_milestones(ms for ms in milestones if ms <= top)
-        self._schedule_state.record_save(m.step, time.monotonic())
+        self._schedule_state.record_save(m.step, self.options.clock())
         self._prewarm_staging(state)
         log.info("step=%d rank=%d: restored from %s", m.step, self.rank, self.storage.url_of(step_dir_name(m.step)))
 

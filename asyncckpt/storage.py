@@ -35,7 +35,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote
 
@@ -130,14 +130,21 @@ class Retry:
     """Upper bound of a single delay."""
     deadline_s: float = 60.0
     """No retry starts after this many seconds from the first try, nor sleeps past it."""
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    """Monotonic seconds the deadline is measured on (a simulation or a test passes its own)."""
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    """Waits out each delay (a simulation or a test passes its own)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
             raise ConfigError.field("Retry.attempts", self.attempts, "an integer >= 1")
         for name in ("base_delay_s", "max_delay_s", "deadline_s"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
                 raise ConfigError.field(f"Retry.{name}", v, "a number >= 0")
+        for name in ("clock", "sleep"):
+            if not callable(getattr(self, name)):
+                raise ConfigError.field(f"Retry.{name}", getattr(self, name), "a callable")
 
     def delay_s(self, attempt: int) -> float:
         """Jittered exponential backoff before retry number ``attempt`` (1-based)."""
@@ -146,18 +153,18 @@ class Retry:
 
     def call(self, fn: Callable[[], T], what: str) -> T:
         """``fn()``, retried while it fails with a transient error and time and attempts remain."""
-        start = time.monotonic()
+        start = self.clock()
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below, re-raised when final
-                left = self.deadline_s - (time.monotonic() - start)
+                left = self.deadline_s - (self.clock() - start)
                 if attempt == self.attempts or left <= 0 or not is_transient(e):
                     raise
                 delay = min(self.delay_s(attempt), left)
                 log.warning("transient error on %s (attempt %d/%d): %s; retrying in %.2fs",
                             what, attempt, self.attempts, type(e).__name__, delay)
-                time.sleep(delay)
+                self.sleep(delay)
         raise AssertionError("unreachable")
 
 

@@ -64,6 +64,8 @@ def _default(f: dataclasses.Field) -> str:
         return "required"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1 << 20 and value % (1 << 20) == 0:
         return f"`{value >> 20} << 20` ({value} bytes)"
+    if callable(value) and getattr(value, "__module__", None) and getattr(value, "__qualname__", None):
+        return f"`{value.__module__}.{value.__qualname__}`"      # time.monotonic, not its repr
     return f"`{value!r}`"
 
 

@@ -1,15 +1,15 @@
 """``CheckpointManager.maybe_save`` driven by a ``Schedule``; ``from_config``.
 
-The manager reads its clock through ``asyncckpt.manager.time.monotonic``; the
-tests that need a clock replace that module reference with ``FakeTime`` (the
-clock is an input, not the code under test).
+Tests that need time give the manager their own clock (``clock=``, the option a simulation
+uses too): ``FakeTime``, which moves only when the test moves it.  The cost of a save is
+made real the same way: a scheduler in the TrainState whose ``state_dict()`` (run inside
+``save()``) takes two seconds on that clock.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -17,27 +17,36 @@ import torch
 from torch import nn
 
 from asyncckpt import CheckpointManager, Schedule, TrainState, plan_checkpoints
-from asyncckpt import manager as manager_mod
 from asyncckpt.errors import ConfigError
 
 
 class FakeTime:
-    """``time`` for the manager: ``monotonic`` returns ``now``, which the test moves."""
+    """Monotonic seconds that move only when the test moves them."""
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.perf_counter = time.perf_counter
-        self.sleep = time.sleep
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
 
 
+class SlowToSave:
+    """A stateful object whose ``state_dict()`` takes ``cost_s`` on the test's clock."""
+
+    def __init__(self, clock: FakeTime, cost_s: float) -> None:
+        self.clock, self.cost_s = clock, cost_s
+
+    def state_dict(self) -> dict:
+        self.clock.now += self.cost_s
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
-    fake = FakeTime()
-    monkeypatch.setattr(manager_mod, "time", fake)
-    return fake
+def clock() -> FakeTime:
+    return FakeTime()
 
 
 def _state(layers: int = 1) -> TrainState:
@@ -53,7 +62,7 @@ def _committed(mgr: CheckpointManager) -> dict[int, tuple[str, ...]]:
 def test_maybe_save_follows_every_rule(tmp_path: Path, clock: FakeTime) -> None:
     schedule = Schedule(every_n_steps=10, every_seconds=100.0, at_steps=[3, 7], on_epoch_end=True)
     state = _state()
-    with CheckpointManager(tmp_path / "ckpt", schedule=schedule) as mgr:
+    with CheckpointManager(tmp_path / "ckpt", schedule=schedule, clock=clock) as mgr:
         saved = []
         for step in range(1, 26):
             clock.now += 1.0 if step != 15 else 200.0  # a slow step 15: every_seconds fires
@@ -133,16 +142,9 @@ def test_milestone_passed_before_a_later_plain_save_is_not_saved_again_after_res
 def test_auto_mode_saves_at_the_measured_interval(tmp_path: Path, clock: FakeTime,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """1 s steps, 2 s per save, at most 10% overhead: a save every 20 steps."""
-    state = _state()
-    with CheckpointManager(tmp_path / "ckpt", schedule=Schedule(auto=True, max_overhead=0.1)) as mgr:
-        real_save = mgr.save
-
-        def slow_save(*args: object, **kwargs: object) -> object:
-            handle = real_save(*args, **kwargs)
-            clock.now += 2.0  # the stall the manager measures around save()
-            return handle
-
-        mgr.save = slow_save  # type: ignore[method-assign]
+    state = TrainState(model=_state().models["model"], scheduler=SlowToSave(clock, 2.0))
+    with CheckpointManager(tmp_path / "ckpt", schedule=Schedule(auto=True, max_overhead=0.1),
+                           clock=clock) as mgr:
         saved = []
         with caplog.at_level(logging.INFO, logger="asyncckpt.manager"):
             for step in range(1, 70):
@@ -158,17 +160,9 @@ def test_auto_mode_saves_at_the_measured_interval(tmp_path: Path, clock: FakeTim
 
 def test_auto_mode_young_daly(tmp_path: Path, clock: FakeTime, caplog: pytest.LogCaptureFixture) -> None:
     """MTBF 15 min, 2 s per save: sqrt(2 * 2 s * 900 s) = 60 s = 60 steps of 1 s."""
-    state = _state()
+    state = TrainState(model=_state().models["model"], scheduler=SlowToSave(clock, 2.0))
     schedule = Schedule(auto=True, max_overhead=0.1, mtbf_hours=0.25)
-    with CheckpointManager(tmp_path / "ckpt", schedule=schedule) as mgr:
-        real_save = mgr.save
-
-        def slow_save(*args: object, **kwargs: object) -> object:
-            handle = real_save(*args, **kwargs)
-            clock.now += 2.0
-            return handle
-
-        mgr.save = slow_save  # type: ignore[method-assign]
+    with CheckpointManager(tmp_path / "ckpt", schedule=schedule, clock=clock) as mgr:
         with caplog.at_level(logging.INFO, logger="asyncckpt.manager"):
             saved = []
             for step in range(1, 130):

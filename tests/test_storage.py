@@ -427,7 +427,48 @@ def test_retry_gives_up_after_its_attempts():
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"base_delay_s": -1}, {"deadline_s": "x"}])
+class _Clock:
+    """Monotonic seconds that move only when the retry sleeps."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 100.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _always_transient() -> None:
+    raise ConnectionResetError("reset by peer")
+
+
+def test_retry_backs_off_exponentially_with_jitter_up_to_its_cap():
+    clock = _Clock()
+    retry = Retry(attempts=6, base_delay_s=1.0, max_delay_s=5.0, deadline_s=1000, clock=clock,
+                  sleep=clock.sleep)
+    with pytest.raises(ConnectionResetError):
+        retry.call(_always_transient, "x")
+    caps = [1.0, 2.0, 4.0, 5.0, 5.0]                   # doubling, then the cap; no sleep after the last try
+    assert len(clock.sleeps) == len(caps)
+    for slept, cap in zip(clock.sleeps, caps):
+        assert cap / 2 <= slept <= cap, clock.sleeps   # jittered in [cap/2, cap]
+
+
+def test_retry_stops_at_its_deadline_and_never_sleeps_past_it():
+    clock = _Clock()
+    retry = Retry(attempts=100, base_delay_s=4.0, max_delay_s=4.0, deadline_s=10.0, clock=clock,
+                  sleep=clock.sleep)
+    with pytest.raises(ConnectionResetError):
+        retry.call(_always_transient, "x")
+    assert clock.now - 100.0 <= 10.0 + 1e-9, clock.sleeps   # the last sleep is cut to what is left
+    assert 3 <= len(clock.sleeps) <= 5, clock.sleeps          # 2-4 s each: no retry starts past 10 s
+
+
+@pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"base_delay_s": -1}, {"deadline_s": "x"},
+                                    {"max_delay_s": float("nan")}, {"clock": 5}, {"sleep": None}])
 def test_retry_options_are_checked(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         Retry(**kwargs)

@@ -148,11 +148,9 @@ def _model(step: int) -> torch.nn.Module:
 
 def _manager(bucket: dict, proxy: OutageProxy, retry: Retry) -> CheckpointManager:
     opts = h.options(proxy.url, **h.NO_CLIENT_RETRIES)  # botocore does not retry
-    mgr = CheckpointManager(f"s3://{bucket['name']}/run", storage_options=opts, compression=None,
-                            writer_threads=1, upload_part_bytes=5 << 20, upload_concurrency=1,
-                            lease_heartbeat_s=60, lease_timeout_s=600)
-    mgr.storage.retry = retry  # the test's small budget (each save's folder inherits it)
-    return mgr
+    return CheckpointManager(f"s3://{bucket['name']}/run", storage_options=opts, compression=None,
+                             writer_threads=1, upload_part_bytes=5 << 20, upload_concurrency=1,
+                             lease_heartbeat_s=60, lease_timeout_s=600, retry=retry)
 
 
 def _part_2_of(step: int) -> h.Match:
