@@ -3,7 +3,6 @@ bars only on a terminal; nothing unpickled unsafely."""
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 from pathlib import Path
@@ -12,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import asyncckpt.state as state_mod
 from asyncckpt import CheckpointManager, TrainState, cli
+from helpers_crafting import replace_item
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -113,20 +112,14 @@ class _Boom:
         return (open, (str(Path(__file__).parent / "PWNED-by-asyncckpt-test"), "w"))
 
 
-def test_inspect_and_diff_never_unpickle_code(tmp_path, capsys, monkeypatch):
+def test_inspect_and_diff_never_unpickle_code(tmp_path, capsys):
     marker = Path(__file__).parent / "PWNED-by-asyncckpt-test"
-    real = state_mod.to_blob
-
-    def evil_blob(obj: object) -> io.BytesIO:
-        if isinstance(obj, dict) and "n" in obj:  # the extra blob
-            return io.BytesIO(pickle.dumps({"n": obj["n"], "x": _Boom()}, protocol=2))
-        return real(obj)
-
-    monkeypatch.setattr(state_mod, "to_blob", evil_blob)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         for step in (1, 2):
             mgr.save(step, TrainState(model=nn.Linear(2, 2), extra={"n": step})).result(timeout=120)
-    monkeypatch.undo()
+    for step in (1, 2):  # each extra blob replaced by a pickle that would run code when loaded
+        replace_item(tmp_path / "ckpt" / f"step-{step:010d}", "extra",
+                     pickle.dumps({"n": step, "x": _Boom()}, protocol=2))
     assert _run(capsys, "inspect", str(tmp_path / "ckpt"), "--stats")[0] == 0
     code, out, _ = _run(capsys, "diff", str(tmp_path / "ckpt"), "1", "2", "--json")
     assert code == 0 and json.loads(out)["changed"]["extra"] == "changed"

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import asyncckpt.state as state_mod
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.errors import CheckpointNotFoundError, ConfigError, StateMismatchError
 from asyncckpt.restore import select_parts
+from asyncckpt.state import to_blob
+from helpers_crafting import replace_item
 
-_to_blob = state_mod.to_blob
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -189,7 +189,7 @@ def test_map_location_is_validated(tmp_path, bad):
 
 def _as_if_saved_on_cuda(obj: object) -> io.BytesIO:
     """torch.save's stream with every storage's location rewritten to cuda:0 (a GPU save)."""
-    src = _to_blob(obj)
+    src = to_blob(obj)
     out = io.BytesIO()
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
         for item in zin.infolist():
@@ -202,13 +202,16 @@ def _as_if_saved_on_cuda(obj: object) -> io.BytesIO:
     return out
 
 
-def test_a_checkpoint_saved_on_a_gpu_restores_on_cpu(tmp_path, monkeypatch):
+def test_a_checkpoint_saved_on_a_gpu_restores_on_cpu(tmp_path):
     model = _net(0)
     extra = {"ema": torch.arange(4.0)}
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        monkeypatch.setattr(state_mod, "to_blob", _as_if_saved_on_cuda)
         mgr.save(1, TrainState(model=model, extra=extra, rng=False)).result(timeout=120)
-        monkeypatch.undo()
+        # the extra blob as a GPU run writes it (its tensor's storage located on cuda:0),
+        # with another value, to show it is the one restored
+        gpu_extra = {"ema": torch.arange(4.0) + 10}
+        replace_item(tmp_path / "ckpt" / "step-0000000001", "extra",
+                     _as_if_saved_on_cuda(gpu_extra).getvalue())
         blob = _as_if_saved_on_cuda({"t": torch.ones(1)})
         if not torch.cuda.is_available():
             with pytest.raises(RuntimeError):  # what plain torch.load does with a GPU checkpoint
@@ -217,7 +220,7 @@ def test_a_checkpoint_saved_on_a_gpu_restores_on_cpu(tmp_path, monkeypatch):
         model2 = _net(1)
         assert mgr.restore(TrainState(model=model2, extra=extra2, rng=False), map_location="cpu") == 1
     assert _same(model2, model)
-    assert extra2["ema"].device.type == "cpu" and torch.equal(extra2["ema"], torch.arange(4.0))
+    assert extra2["ema"].device.type == "cpu" and torch.equal(extra2["ema"], gpu_extra["ema"])
 
 
 # -- fine-tuning start ------------------------------------------------------------------------
