@@ -31,6 +31,9 @@ from .retention import Retention, best_step_for, best_tags, ranking_for
 from .storage import (MARKER_NAME, Storage, delete_checkpoint, is_committed, list_committed, manifest_steps,
                       read_manifest, verify_checkpoint)
 
+log = logging.getLogger(__name__)
+"""What ``-v`` shows on stderr: the root opened and each checkpoint verified, deleted or read."""
+
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
     """``-o key=value`` pairs; values parse as JSON when they can (numbers, bools, dicts)."""
@@ -53,6 +56,7 @@ def _storage(args: argparse.Namespace) -> Storage:
     error, never an empty root).  An object store cannot tell an empty prefix from a
     missing one, so there an empty root lists as such."""
     storage = Storage(args.root, _options(args.storage_option))
+    log.info("root %s", storage.url)
     if storage.is_local and not storage.exists(""):
         raise AsyncCkptError(f"{storage.url} does not exist")
     if storage.is_local and storage.isfile():
@@ -321,6 +325,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                               storage.url, [m.step for m in list_committed(storage)])
             if problems is not None:
                 report[step] = problems
+                log.info("step=%d: %d files, %d bytes checked: %s", step, len(manifest.files),
+                         manifest.total_bytes, "ok" if not problems else "DAMAGED")
     bad = {s: p for s, p in report.items() if p}
     aside = [q for q in list_quarantined(storage) if one is None or q.step == one]
     abandoned = [a for a in list_abandoned(storage) if one is None or a.step == one]
@@ -365,6 +371,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             quarantine(storage, step, "; ".join(problems))
         for step in plan.delete:
             delete_checkpoint(storage, step)  # manifest first, as the manager does
+            log.info("step=%d: deleted %s", step, storage.url_of(step_dir_name(step)))
         retire_expired(storage, policy, plan.keep)
         retire_abandoned(storage, policy, plan.keep)
     if args.json:
@@ -449,6 +456,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out, name = _export_target(args, fmt)
     with _progress(2 * nbytes, "export") as bar:  # coarse: read, then write
         tensors = prepare(read(), dtype)
+        log.info("step=%s: read %d tensors (%d bytes stored) from %s", step, len(tensors), nbytes, storage.url)
         bar.update(nbytes)
         if fmt == "dcp":
             size = sum(f.size for f in write_dcp(out, tensors))
@@ -867,8 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncckpt").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

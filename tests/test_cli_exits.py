@@ -13,17 +13,9 @@ import torch
 from torch import nn
 
 from asyncckpt import CheckpointManager, TrainState, __version__
+from helpers_cli import DEADLINE_S, REPO, asyncckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-REPO = str(Path(__file__).resolve().parents[1])
-DEADLINE_S = 120
-
-
-def asyncckpt(*argv: object, **kw: object) -> subprocess.CompletedProcess[str]:
-    """``python -m asyncckpt ARGV`` with this checkout on the path."""
-    return subprocess.run([sys.executable, "-m", "asyncckpt", *map(str, argv)], capture_output=True,
-                          text=True, timeout=DEADLINE_S, env={**os.environ, "PYTHONPATH": REPO},
-                          **kw)  # type: ignore[call-overload]
 
 
 def _save(root: Path, metrics: dict[int, dict[str, float]]) -> Path:
