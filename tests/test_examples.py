@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from helpers_deps import need
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEADLINE_S = 180
 SINGLE = [("train_toy.py", [], "torchdata"), ("train_lightning.py", [], "lightning"),
@@ -34,7 +36,7 @@ def _run(tmp_path: Path, script: str, *args: str) -> str:
 
 @pytest.mark.parametrize("script, extra, needs", SINGLE)
 def test_example_runs(tmp_path, script, extra, needs):
-    pytest.importorskip(needs)
+    need(needs)
     text = _run(tmp_path, script, "--root", str(tmp_path / "ckpt"), "--steps", "4", "--every", "2", *extra)
     assert "done at step 4" in text and "fresh run" in text
     assert (tmp_path / "ckpt" / "step-0000000004" / "manifest.json").exists()
@@ -43,7 +45,7 @@ def test_example_runs(tmp_path, script, extra, needs):
 @pytest.mark.slow
 @pytest.mark.parametrize("script, extra, needs", SINGLE)
 def test_example_resumes_when_run_again(tmp_path, script, extra, needs):
-    pytest.importorskip(needs)
+    need(needs)
     root = str(tmp_path / "ckpt")
     _run(tmp_path, script, "--root", root, "--steps", "6", "--every", "3", *extra)
     text = _run(tmp_path, script, "--root", root, "--steps", "9", "--every", "3", *extra)
@@ -52,7 +54,7 @@ def test_example_resumes_when_run_again(tmp_path, script, extra, needs):
 
 def test_toy_example_resumed_run_ends_bit_exactly_where_an_uninterrupted_one_does(tmp_path):
     """The quickstart's promise: stop at 6, run again to 9, same weights as 0 -> 9 at once."""
-    pytest.importorskip("torchdata")
+    need("torchdata")
     from safetensors.torch import load_file
 
     resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
@@ -82,7 +84,7 @@ def _s3_args(s3_bucket: dict) -> list[str]:
 @pytest.mark.s3
 @pytest.mark.parametrize("s3_server", ["moto"], indirect=True)  # CI time: the slow test below
 def test_s3_backup_example_mirrors_to_s3(tmp_path, s3_bucket):  # runs the example on both servers
-    pytest.importorskip("s3fs")
+    need("s3fs")
     text = _run(tmp_path, "train_s3_backup.py", "--root", str(tmp_path / "local"), "--steps", "6",
                 *_s3_args(s3_bucket))
     assert "done at step 6" in text and "backup: [3, 6]" in text
@@ -94,7 +96,7 @@ def test_s3_backup_example_mirrors_to_s3(tmp_path, s3_bucket):  # runs the examp
 @pytest.mark.s3
 @pytest.mark.slow
 def test_s3_backup_example_resumes_from_s3_when_the_local_copy_is_lost(tmp_path, s3_bucket):
-    pytest.importorskip("s3fs")
+    need("s3fs")
     root = tmp_path / "local"
     _run(tmp_path, "train_s3_backup.py", "--root", str(root), "--steps", "6", *_s3_args(s3_bucket))
     for f in root.glob("step-*/*"):

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-pyflakes = pytest.importorskip("pyflakes.api", reason="pyflakes comes with the dev extra; the GPU machine lacks it")
-messages = pytest.importorskip("pyflakes.messages")
+from helpers_deps import need
+
+pyflakes = need("pyflakes.api", reason="pyflakes comes with the dev extra; the GPU machine lacks it")
+messages = need("pyflakes.messages")
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted(p for d in ("asyncckpt", "benchmarks", "examples", "tests") for p in (ROOT / d).rglob("*.py"))
@@ -35,3 +37,19 @@ def test_no_undefined_names(path: Path) -> None:
     report = _Collect()
     pyflakes.check(path.read_text(), str(path.relative_to(ROOT)), report)
     assert report.found == []
+
+
+def test_a_missing_dev_dependency_fails_where_all_are_required(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    test = tmp_path / "test_needs.py"
+    test.write_text("from helpers_deps import need\n\ndef test_it():\n    need('no_such_module_xyz')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    runs = {flag: subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+                                 capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                 env={**env, "ASYNCCKPT_ALL_DEV_DEPS": flag})
+            for flag in ("0", "1")}
+    assert runs["0"].returncode == 0 and "1 skipped" in runs["0"].stdout, runs["0"].stdout
+    assert runs["1"].returncode == 1 and "no_such_module_xyz is not installed" in runs["1"].stdout, runs["1"].stdout
