@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -107,13 +108,27 @@ def _check_tags(tags: Sequence[str]) -> tuple[str, ...]:
 _live: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
 
 
-@atexit.register
 def _drain_at_exit() -> None:
     for mgr in list(_live):
         try:
             mgr.close()
         except Exception as e:  # noqa: BLE001 - at exit there is nobody left to raise to
             log.error("pending checkpoint writes failed at exit: %s", e)
+
+
+def _at_exit_before_thread_pools(fn: Any) -> None:
+    """Run ``fn`` when the interpreter exits, while thread pools still take work.
+    ``concurrent.futures`` shuts its pools in threading's own exit hooks, which run before
+    ``atexit``'s (and last-registered first): a drain left to ``atexit`` found them shut, and
+    a save still pending when the script ended failed ("cannot schedule new futures after
+    interpreter shutdown")."""
+    import concurrent.futures.thread  # noqa: F401 - its hook first, so that it runs after ours
+
+    register = getattr(threading, "_register_atexit", None)
+    (register or atexit.register)(fn)
+
+
+_at_exit_before_thread_pools(_drain_at_exit)
 
 
 def _failure(e: BaseException) -> str:

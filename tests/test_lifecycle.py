@@ -311,3 +311,25 @@ def test_verify_after_result_never_races_retention(tmp_path):
             if step not in report or any(report.values()) or not set(report) <= {step - 1, step}:
                 failures.append((step, report))  # retention keeps the newest two
     assert not failures, failures[:5]
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_save_still_pending_when_the_script_ends_is_committed_at_exit(tmp_path, compression) -> None:
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    root = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    out = subprocess.run([sys.executable, str(here / "helpers_exit_child.py"), str(root), compression],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PENDING False" in out.stdout, out.stdout          # still being written when the script ended
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == \
+        ["step-0000000001", "step-0000000002"]
+    assert not (root / ".lease.json").exists()                # closed: the lease let go
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8))
+    with CheckpointManager(root) as mgr:
+        assert mgr.verify() == {1: [], 2: []}
+        assert mgr.restore(TrainState(model=model, rng=False)) == 2
+    expected = torch.load(f"{root}.expected.pt", weights_only=True)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
