@@ -276,6 +276,55 @@ def test_a_second_save_never_waits_for_the_first_ones_write(tmp_path, faulty_fs)
         assert _steps(mgr) == [1, 2]
 
 
+def test_with_max_pending_saves_in_flight_the_next_save_waits_for_one_to_finish(tmp_path, faulty_fs):
+    """max_pending=1: with save 1 held inside its write, save 2 blocks in save() (training is
+    held: memory for a second copy is not taken), and goes on once save 1 committed."""
+    import threading
+
+    state = TrainState(model=_net())
+    with CheckpointManager(faulty_fs.url(tmp_path / "ckpt"), max_pending=1) as mgr:
+        faulty_fs.pause()
+        first = mgr.save(1, state)
+        assert faulty_fs.paused.wait(30)                 # the writer is inside save 1's write
+        with torch.no_grad():
+            state.models["model"][0].weight.add_(1)
+        expected = {k: v.clone() for k, v in state.models["model"].state_dict().items()}
+        second: list[SaveHandle] = []
+        caller = threading.Thread(target=lambda: second.append(mgr.save(2, state)))
+        caller.start()
+        caller.join(timeout=2.0)
+        assert caller.is_alive() and not second and not first.done()   # held back
+        faulty_fs.release()
+        caller.join(timeout=120)
+        assert not caller.is_alive() and first.done()                    # save 1 finished first
+        assert [first.result(timeout=120).step, second[0].result(timeout=120).step] == [1, 2]
+    fresh = _net(seed=5)
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        assert mgr.restore(TrainState(model=fresh)) == 2
+    _assert_model_equals(fresh, expected)
+
+
+@pytest.mark.parametrize("options", [{"compression": None}, {"zstd_level": -5}, {"zstd_level": 19}])
+def test_non_default_codec_settings_save_and_restore_exactly(tmp_path, options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 64, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    with CheckpointManager(tmp_path / "ckpt", **options) as mgr:
+        mgr.save(1, TrainState(model=model, optimizer=opt), blocking=True)
+        assert mgr.verify() == {1: []}
+    manifest = json.loads((tmp_path / "ckpt" / "step-0000000001" / "manifest.json").read_text())
+    assert manifest["codec"] == (None if options.get("compression", "zstd") is None else "zstd")
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).to(torch.bfloat16)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    with CheckpointManager(tmp_path / "ckpt") as mgr:                 # read with the defaults
+        assert mgr.restore(TrainState(model=fresh, optimizer=fresh_opt)) == 1
+    _assert_model_equals(fresh, {k: v.clone() for k, v in model.state_dict().items()})
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
+
+
 def test_handle_while_the_writer_is_held(tmp_path, faulty_fs):
     state = TrainState(model=_net())
     with CheckpointManager(faulty_fs.url(tmp_path / "ckpt")) as mgr:
