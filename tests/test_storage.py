@@ -445,12 +445,16 @@ def _always_transient() -> None:
     raise ConnectionResetError("reset by peer")
 
 
-def test_retry_backs_off_exponentially_with_jitter_up_to_its_cap():
+def _give_up(**options: float) -> _Clock:
+    """Retry a call that always fails transiently until Retry(**options) gives up; its clock."""
     clock = _Clock()
-    retry = Retry(attempts=6, base_delay_s=1.0, max_delay_s=5.0, deadline_s=1000, clock=clock,
-                  sleep=clock.sleep)
     with pytest.raises(ConnectionResetError):
-        retry.call(_always_transient, "x")
+        Retry(clock=clock, sleep=clock.sleep, **options).call(_always_transient, "x")
+    return clock
+
+
+def test_retry_backs_off_exponentially_with_jitter_up_to_its_cap():
+    clock = _give_up(attempts=6, base_delay_s=1.0, max_delay_s=5.0, deadline_s=1000)
     caps = [1.0, 2.0, 4.0, 5.0, 5.0]                   # doubling, then the cap; no sleep after the last try
     assert len(clock.sleeps) == len(caps)
     for slept, cap in zip(clock.sleeps, caps):
@@ -458,11 +462,7 @@ def test_retry_backs_off_exponentially_with_jitter_up_to_its_cap():
 
 
 def test_retry_stops_at_its_deadline_and_never_sleeps_past_it():
-    clock = _Clock()
-    retry = Retry(attempts=100, base_delay_s=4.0, max_delay_s=4.0, deadline_s=10.0, clock=clock,
-                  sleep=clock.sleep)
-    with pytest.raises(ConnectionResetError):
-        retry.call(_always_transient, "x")
+    clock = _give_up(attempts=100, base_delay_s=4.0, max_delay_s=4.0, deadline_s=10.0)
     assert clock.now - 100.0 <= 10.0 + 1e-9, clock.sleeps   # the last sleep is cut to what is left
     assert 3 <= len(clock.sleeps) <= 5, clock.sleeps          # 2-4 s each: no retry starts past 10 s
 
