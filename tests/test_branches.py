@@ -25,6 +25,7 @@ from asyncckpt.branches import ABANDONED_DIR, list_abandoned, manifest_crc
 from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.release import CARD_NAME
 from asyncckpt.storage import Storage, list_committed
+from helpers.checkpoints import committed_steps
 
 CHILD = textwrap.dedent('''
     import sys
@@ -99,16 +100,12 @@ def _cli(*args: object) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, check=False)
 
 
-def _steps(root: Path) -> list[int]:
-    return [m.step for m in list_committed(Storage(root))]
-
-
 def test_rollback_crash_and_resume_continues_the_new_branch_bit_exactly(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     root, ref = tmp_path / "ckpt", tmp_path / "ref"
     _finish(_child(script, root, tmp_path / "first.pt", "first", 400), "first")
-    assert _steps(root) == [100, 200, 300, 400]
+    assert committed_steps(root) == [100, 200, 300, 400]
     old = {m.step: m for m in list_committed(Storage(root))}
     shutil.copytree(root, ref)
 
@@ -183,14 +180,14 @@ def test_retention_keeps_the_current_branch_and_retires_abandoned_ones_later(tmp
     root = tmp_path / "ckpt"
     _first_run(root)
     _rollback(root, 200, 300, retention=Retention(keep_last=2))
-    assert _steps(root) == [250, 300]  # the abandoned 300 and 400 never pushed these out
+    assert committed_steps(root) == [250, 300]  # the abandoned 300 and 400 never pushed these out
     assert [a.step for a in list_abandoned(Storage(root))] == [300, 400]
     state = _state()
     with CheckpointManager(root, schedule=Schedule(every_n_steps=50), retention=Retention(keep_last=2)) as mgr:
         assert mgr.restore(state) == 300
         assert [i.step for i in mgr.list()] == [250, 300]
         _train(mgr, state, 300, 500)
-    assert _steps(root) == [450, 500]
+    assert committed_steps(root) == [450, 500]
     assert list_abandoned(Storage(root)) == []  # as old as what keep_last let go: removed
 
 
@@ -238,7 +235,7 @@ def test_on_rollback_refuse_names_the_steps_and_changes_nothing(tmp_path: Path) 
         assert "step 400" in str(ei.value) and "on_rollback='keep'" in str(ei.value)
         assert mgr.restore(state) == 400  # restoring the newest: no rollback, saving goes on
         mgr.save(450, state, blocking=True)
-    assert _steps(root) == [100, 200, 300, 400, 450]
+    assert committed_steps(root) == [100, 200, 300, 400, 450]
     assert not (root / ABANDONED_DIR).exists()
 
 
@@ -247,7 +244,7 @@ def test_on_rollback_delete_deletes_at_once_and_says_so(tmp_path: Path, caplog) 
     _first_run(root)
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
         _rollback(root, 200, 300, on_rollback="delete")
-    assert _steps(root) == [100, 200, 250, 300]
+    assert committed_steps(root) == [100, 200, 250, 300]
     assert list_abandoned(Storage(root)) == []
     said = [r.getMessage() for r in caplog.records if "rollback" in r.getMessage()]
     assert said and "300 deleted" in said[0] and "400 deleted" in said[0]
@@ -260,7 +257,7 @@ def test_keep_logs_a_warning_naming_where_each_step_went(tmp_path: Path, caplog)
         _rollback(root, 300, 350)
     (said,) = [r for r in caplog.records if "rollback" in r.getMessage()]
     assert said.levelno == logging.WARNING and f"400 -> {root / ABANDONED_DIR}" in said.getMessage()
-    assert _steps(root) == [100, 200, 300, 350]
+    assert committed_steps(root) == [100, 200, 300, 350]
 
 
 def test_a_move_aside_cut_short_is_finished_at_the_next_start(tmp_path: Path) -> None:
@@ -294,7 +291,7 @@ def test_the_backup_drops_its_copies_of_the_abandoned_branch(tmp_path: Path) -> 
         for stop in (100, 200, 300, 400):
             _train(mgr, state, stop - 100, stop)
             mgr.wait()  # each one mirrored
-    assert _steps(backup) == [100, 200, 300, 400]
+    assert committed_steps(backup) == [100, 200, 300, 400]
     _rollback(root, 200, 250, backup=str(backup))
     on_backup = {m.step: m for m in list_committed(Storage(backup))}
     assert 400 not in on_backup and on_backup[250].parent == 200
@@ -309,14 +306,14 @@ def test_a_restore_from_the_backup_never_picks_an_abandoned_copy_the_mirror_kept
     root, backup = tmp_path / "ckpt", tmp_path / "backup"
     _first_run(root, backup=str(backup))
     _rollback(root, 200, 250)  # no backup configured this time: the backup keeps 100 .. 400
-    assert 400 in _steps(backup)
+    assert 400 in committed_steps(backup)
     shutil.rmtree(root / "step-0000000250")  # the primary lost its newest: fall back to the backup
     state = _state()
     with CheckpointManager(root, backup=str(backup)) as mgr:
         assert mgr.restore(state) == 200  # not the backup's 400 of the abandoned branch
         mgr.save(201, state, blocking=True)
         mgr.wait()
-    assert 400 not in _steps(backup) and 300 not in _steps(backup)  # the mirror dropped them
+    assert 400 not in committed_steps(backup) and 300 not in committed_steps(backup)  # the mirror dropped them
 
 
 def test_a_release_records_the_branch_it_came_from(tmp_path: Path) -> None:

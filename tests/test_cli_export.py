@@ -18,6 +18,7 @@ from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.cli import main
 from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.storage import MARKER_NAME
+from helpers.checkpoints import step_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -45,10 +46,6 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main([*map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _steps(root) -> list[int]:
-    return sorted(int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-"))
 
 
 def test_list_shows_manifest_release_and_best_tags(root, capsys):
@@ -87,13 +84,13 @@ def test_list_table_and_json_show_step_epoch_time_size_tags_metrics(tmp_path, ca
 def test_prune_dry_run_then_prune_follows_the_policy(root, capsys):
     code, out, _ = _run(capsys, "prune", root, "--keep-last", "1", "--dry-run", "--json")
     report = json.loads(out)
-    assert code == 0 and report["deleted"] == [1, 2] and _steps(root) == [1, 2, 3, 4, 5]
+    assert code == 0 and report["deleted"] == [1, 2] and step_folders(root) == [1, 2, 3, 4, 5]
     assert report["reasons"]["3"] == ["tag:milestone:1.0B"]
     assert report["reasons"]["4"] == ["latest-backup", "tag:release:1.0.0"]
     code, out, _ = _run(capsys, "prune", root, "--keep-last", "1", "--keep-best", "1",
                         "--metric", "loss", "--keep-epoch-ends")
     assert code == 0 and "deleted 1 checkpoint(s): [1]" in out
-    assert _steps(root) == [2, 3, 4, 5]  # 2 best and epoch end, 3 milestone, 4 released
+    assert step_folders(root) == [2, 3, 4, 5]  # 2 best and epoch end, 3 milestone, 4 released
 
 
 def test_prune_warns_about_a_missing_metric(root, capsys):
@@ -110,7 +107,7 @@ def test_prune_warns_about_a_missing_metric(root, capsys):
 ])
 def test_prune_bad_values_exit_2_naming_them(root, capsys, argv, words):
     code, _, err = _run(capsys, "prune", root, *argv)
-    assert code == 2 and words in err and _steps(root) == [1, 2, 3, 4, 5]
+    assert code == 2 and words in err and step_folders(root) == [1, 2, 3, 4, 5]
 
 
 def test_prune_unknown_mode_is_refused(root, capsys):

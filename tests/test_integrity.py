@@ -25,6 +25,7 @@ from asyncckpt import CheckpointManager, TrainState, cli
 from asyncckpt.dcp_io import METADATA_NAME, README_NAME, README_TEXT, load_metadata
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.manifest import MANIFEST_NAME
+from helpers.checkpoints import flip_byte
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -106,14 +107,6 @@ def _positions(folder: Path) -> list[tuple[str, int, str]]:
     return sorted(set(out))
 
 
-def _flip(path: Path, offset: int, mask: int) -> bytes:
-    data = path.read_bytes()
-    damaged = bytearray(data)
-    damaged[offset] ^= mask
-    path.write_bytes(bytes(damaged))
-    return data
-
-
 def _unquarantine(root: Path, step_dir: str) -> bool:
     """Move a checkpoint that restore quarantined back in place (the module's fixture keeps
     using it); True when it had been quarantined."""
@@ -171,7 +164,7 @@ def test_flipped_byte_anywhere_is_detected_by_verify_and_restore(
     failures = []
     for i, (name, offset, what) in enumerate(positions):
         path = ckpt.folder / name
-        original = _flip(path, offset, MASKS[i % len(MASKS)])
+        original = flip_byte(path, offset, MASKS[i % len(MASKS)])
         try:
             missed = _all_checks_notice(ckpt, state, name, capsys, caplog)
         finally:
@@ -216,7 +209,7 @@ def test_missing_file_is_reported_as_missing(ckpt: Ckpt) -> None:
 
 def test_every_damaged_file_is_named(ckpt: Ckpt, capsys: pytest.CaptureFixture[str]) -> None:
     names = ckpt.files()
-    originals = {n: _flip(ckpt.folder / n, 0, 0xFF) for n in names}
+    originals = {n: flip_byte(ckpt.folder / n, 0, 0xFF) for n in names}
     try:
         problems = ckpt.mgr.verify(2)[2]
         rc, report = _cli_verify(ckpt.root, capsys)
@@ -232,7 +225,7 @@ def test_every_damaged_file_is_named(ckpt: Ckpt, capsys: pytest.CaptureFixture[s
 def test_latest_with_every_checkpoint_damaged_raises_naming_each(ckpt: Ckpt) -> None:
     shard = next(n for n in ckpt.files() if n != METADATA_NAME)
     paths = [ckpt.root / d / shard for d in ("step-0000000001", STEP2)]
-    originals = [_flip(p, 3, 0xFF) for p in paths]
+    originals = [flip_byte(p, 3, 0xFF) for p in paths]
     try:
         with pytest.raises(CorruptCheckpointError) as info:
             ckpt.mgr.restore(_state(9))
@@ -261,7 +254,7 @@ def test_compressed_items_carry_their_own_crcs_with_verify_off(ckpt: Ckpt) -> No
     assert len(positions) >= 30
     for i, (name, offset, what) in enumerate(positions):
         path = ckpt.folder / name
-        original = _flip(path, offset, MASKS[i % len(MASKS)])
+        original = flip_byte(path, offset, MASKS[i % len(MASKS)])
         try:
             ckpt.mgr.restore(state, 2, verify=False)
             failures.append(f"{name}@{offset} ({what}): restored without an error")

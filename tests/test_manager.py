@@ -28,6 +28,7 @@ from asyncckpt.errors import (
 )
 from asyncckpt.manifest import seal
 from asyncckpt.storage import MARKER_NAME
+from helpers.checkpoints import assert_same_tensors, committed_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -41,17 +42,6 @@ def _net(seed: int = 0, hidden: int = 8, layers: int = 1) -> nn.Module:
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_model_equals(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
-    live = model.state_dict()
-    assert live.keys() == expected.keys()
-    for k, v in expected.items():
-        assert torch.equal(live[k], v), k
-
-
-def _steps(mgr: CheckpointManager) -> list[int]:
-    return [info.step for info in mgr.list()]
 
 
 @pytest.fixture
@@ -137,12 +127,12 @@ def test_saving_an_existing_step_needs_overwrite(tmp_path):
             model[0].weight.fill_(3.0)
         expected = _snapshot(model)
         mgr.save(5, state, overwrite=True).result(timeout=120)
-        assert _steps(mgr) == [5]
+        assert committed_steps(mgr) == [5]
 
     fresh = _net(1)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         assert mgr.restore(TrainState(model=fresh), 5) == 5
-    _assert_model_equals(fresh, expected)
+    assert_same_tensors(fresh, expected)
 
 
 def test_restoring_a_missing_step_lists_those_that_exist(mgr):
@@ -161,7 +151,7 @@ def test_restore_with_nothing_saved_returns_zero_and_changes_nothing(mgr):
     model = _net()
     before = _snapshot(model)
     assert mgr.restore(TrainState(model=model)) == 0
-    _assert_model_equals(model, before)
+    assert_same_tensors(model, before)
 
 
 def test_missing_key_is_named(tmp_path):
@@ -201,7 +191,7 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     msg = str(ei.value)
     assert "0.weight" in msg and "(8, 4)" in msg and "(6, 4)" in msg
     assert any(k.endswith("0.weight") for k in ei.value.shapes)
-    _assert_model_equals(live, before)
+    assert_same_tensors(live, before)
 
 
 def test_include_restores_only_the_chosen_parts(tmp_path):
@@ -215,7 +205,7 @@ def test_include_restores_only_the_chosen_parts(tmp_path):
         opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
         extra2: dict = {}
         mgr.restore(TrainState(model=model2, optimizer=opt2, extra=extra2), include=["model"])
-    _assert_model_equals(model2, _snapshot(model))
+    assert_same_tensors(model2, _snapshot(model))
     assert opt2.state_dict()["state"] == {}
     assert extra2 == {}
 
@@ -252,7 +242,7 @@ def test_values_are_those_at_save_time(tmp_path, faulty_fs):
     fresh_extra: dict = {}
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         mgr.restore(TrainState(model=fresh, optimizer=fresh_opt, extra=fresh_extra))
-    _assert_model_equals(fresh, expected_model)
+    assert_same_tensors(fresh, expected_model)
     assert torch.equal(fresh_opt.state[fresh[0].weight]["exp_avg"], expected_avg)
     assert fresh_extra == {"epoch": 1, "hist": [1.0]}
 
@@ -273,7 +263,7 @@ def test_a_second_save_never_waits_for_the_first_ones_write(tmp_path, faulty_fs)
         assert first.committed(timeout=0) is False and second.committed(timeout=0) is False
         faulty_fs.release()
         assert [first.result(timeout=120).step, second.result(timeout=120).step] == [1, 2]
-        assert _steps(mgr) == [1, 2]
+        assert committed_steps(mgr) == [1, 2]
 
 
 def test_with_max_pending_saves_in_flight_the_next_save_waits_for_one_to_finish(tmp_path, faulty_fs):
@@ -301,7 +291,7 @@ def test_with_max_pending_saves_in_flight_the_next_save_waits_for_one_to_finish(
     fresh = _net(seed=5)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
         assert mgr.restore(TrainState(model=fresh)) == 2
-    _assert_model_equals(fresh, expected)
+    assert_same_tensors(fresh, expected)
 
 
 @pytest.mark.parametrize("options", [{"compression": None}, {"zstd_level": -5}, {"zstd_level": 19}])
@@ -320,7 +310,7 @@ def test_non_default_codec_settings_save_and_restore_exactly(tmp_path, options):
     fresh_opt = torch.optim.AdamW(fresh.parameters())
     with CheckpointManager(tmp_path / "ckpt") as mgr:                 # read with the defaults
         assert mgr.restore(TrainState(model=fresh, optimizer=fresh_opt)) == 1
-    _assert_model_equals(fresh, {k: v.clone() for k, v in model.state_dict().items()})
+    assert_same_tensors(fresh, {k: v.clone() for k, v in model.state_dict().items()})
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
 
@@ -340,14 +330,14 @@ def test_handle_while_the_writer_is_held(tmp_path, faulty_fs):
             handle.result(timeout=0)
         with pytest.raises(CheckpointExistsError, match="in flight"):
             mgr.save(4, state)
-        assert _steps(mgr) == []          # nothing exists before its manifest does
+        assert committed_steps(mgr) == []          # nothing exists before its manifest does
         faulty_fs.release()
         info = handle.result(timeout=120)
         assert handle.done() is True
         assert handle.committed(timeout=120) is True
         assert info.step == 4 and info.committed
         assert handle.bytes_written == info.bytes > 0
-        assert _steps(mgr) == [4]
+        assert committed_steps(mgr) == [4]
 
 
 @pytest.mark.parametrize("max_pending", [1, 2])
@@ -365,17 +355,17 @@ def test_many_saves_in_a_row_all_commit(tmp_path, max_pending):
         infos = [h.result(timeout=120) for h in handles]
         assert all(h.done() and h.committed(timeout=0) for h in handles)
         assert [i.step for i in infos] == list(range(1, 7))
-        assert _steps(mgr) == list(range(1, 7))
+        assert committed_steps(mgr) == list(range(1, 7))
         for step in range(1, 7):          # each its own values, though staging reuses buffers
             fresh = _net(1)
             assert mgr.restore(TrainState(model=fresh), step) == step
-            _assert_model_equals(fresh, expected[step])
+            assert_same_tensors(fresh, expected[step])
 
 
 def test_blocking_save_has_committed_on_return(mgr):
     handle = mgr.save(3, TrainState(model=_net()), blocking=True)
     assert handle.done() and handle.committed(timeout=0)
-    assert _steps(mgr) == [3]
+    assert committed_steps(mgr) == [3]
 
 
 def test_closed_manager_refuses_work(tmp_path):
@@ -411,9 +401,9 @@ def _fail_second_save(faulty_fs, tmp_path, on_error="raise", fail_at=1):
 def _assert_step1_restorable(tmp_path, snapshot):
     fresh = _net(1)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
-        assert _steps(mgr) == [1]
+        assert committed_steps(mgr) == [1]
         assert mgr.restore(TrainState(model=fresh)) == 1
-    _assert_model_equals(fresh, snapshot)
+    assert_same_tensors(fresh, snapshot)
     assert not (tmp_path / "ckpt" / "step-0000000002").exists()
 
 
@@ -427,7 +417,7 @@ def test_failed_save_is_raised_by_the_next_call(tmp_path, faulty_fs, surface):
     assert isinstance(cause, StorageError) and "step-0000000002" in str(cause)
     assert "Traceback" not in str(ei.value)
     assert isinstance(handle.exception(), SaveError)
-    assert _steps(mgr) == [1]
+    assert committed_steps(mgr) == [1]
 
     with pytest.raises(SaveError, match="step 2"):
         if surface == "save":
@@ -438,7 +428,7 @@ def test_failed_save_is_raised_by_the_next_call(tmp_path, faulty_fs, surface):
             mgr.close()
     if surface != "close":                # raised once; the manager goes on working
         mgr.save(3, state).result(timeout=120)
-        assert _steps(mgr) == [1, 3]
+        assert committed_steps(mgr) == [1, 3]
         mgr.close()
     else:
         _assert_step1_restorable(tmp_path, snapshot)
@@ -457,7 +447,7 @@ def test_failure_at_any_write_leaves_only_committed_checkpoints(tmp_path, faulty
     mgr, handle, _, snapshot = _fail_second_save(faulty_fs, tmp_path, fail_at=fail_at)
     with pytest.raises(SaveError):
         handle.result(timeout=120)
-    assert _steps(mgr) == [1]
+    assert committed_steps(mgr) == [1]
     with pytest.raises(SaveError):
         mgr.close()
     _assert_step1_restorable(tmp_path, snapshot)
@@ -476,7 +466,7 @@ def test_on_error_warn_logs_and_training_goes_on(tmp_path, faulty_fs, caplog):
     assert info.step == 3
     mgr.close()
     with CheckpointManager(tmp_path / "ckpt") as again:
-        assert _steps(again) == [1, 3]
+        assert committed_steps(again) == [1, 3]
 
 
 # -- what counts as a checkpoint ------------------------------------------------------------------
@@ -495,7 +485,7 @@ def test_folder_without_manifest_is_ignored(tmp_path):
     (tmp_path / "ckpt" / "step-0000000002" / "manifest.json").unlink()
     (tmp_path / "ckpt" / "step-0000000009").mkdir()
     (tmp_path / "ckpt" / "notes").mkdir()
-    assert _steps(mgr) == [1]
+    assert committed_steps(mgr) == [1]
     assert mgr.restore(TrainState(model=_net())) == 1
     with pytest.raises(CheckpointNotFoundError):
         mgr.restore(TrainState(model=_net()), 2)
@@ -511,7 +501,7 @@ def test_new_manager_removes_uncommitted_folders(tmp_path, caplog):
     assert not (tmp_path / "ckpt" / "step-0000000002").exists()
     assert (tmp_path / "ckpt" / "notes").exists()
     assert "never committed" in caplog.text
-    assert _steps(mgr) == [1]
+    assert committed_steps(mgr) == [1]
     mgr.close()
 
 
@@ -540,7 +530,7 @@ def test_files_asyncckpt_did_not_write_are_never_deleted(tmp_path, caplog):
     mgr.close()
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p in before} == before
     assert all(p.exists() for p in before)
-    assert _steps(CheckpointManager(root, lease=False)) == [4]
+    assert committed_steps(CheckpointManager(root, lease=False)) == [4]
 
 
 def test_an_empty_step_folder_goes_quietly(tmp_path, caplog):
@@ -560,7 +550,7 @@ def test_corrupt_manifest_is_skipped_with_a_warning(tmp_path, caplog, corrupt):
     else:
         path.write_text(path.read_text().replace('"metrics": {}', '"metrics": [1.0]'))
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
-        assert _steps(mgr) == [1]
+        assert committed_steps(mgr) == [1]
         assert mgr.restore(TrainState(model=_net())) == 1
     assert "step-0000000002" in caplog.text
     mgr.close()
@@ -609,7 +599,7 @@ def test_damaged_shard_falls_back_for_latest_and_raises_when_asked_for(tmp_path)
         mgr.restore(TrainState(model=_net(1)), 2)
     fresh = _net(1)
     assert mgr.restore(TrainState(model=fresh)) == 1
-    _assert_model_equals(fresh, expected)
+    assert_same_tensors(fresh, expected)
     mgr.close()
 
 
@@ -677,10 +667,10 @@ def test_restore_best_by_metric_and_by_path(tmp_path):
         mgr.wait()
         fresh = _net(1)
         assert mgr.restore(TrainState(model=fresh), "best:loss") == 2   # min is the default mode
-        _assert_model_equals(fresh, snapshots[2])
+        assert_same_tensors(fresh, snapshots[2])
         path = mgr.list()[0].path
         assert mgr.restore(TrainState(model=fresh), path) == 1
-        _assert_model_equals(fresh, snapshots[1])
+        assert_same_tensors(fresh, snapshots[1])
         with pytest.raises(ConfigError, match="best"):
             mgr.restore(TrainState(model=fresh), "best")
 
@@ -716,7 +706,7 @@ def test_a_step_whose_blocking_save_failed_can_be_forced_again(tmp_path, faulty_
             mgr.save(3, state, blocking=True)
         faulty_fs.disarm()
         assert mgr.maybe_save(3, state, force=True).result(timeout=120).step == 3   # not committed: saved now
-        assert _steps(mgr) == [3]
+        assert committed_steps(mgr) == [3]
 
 
 # -- plain DCP can read an uncompressed checkpoint -------------------------------------------------
@@ -737,7 +727,7 @@ def test_dcp_to_torch_save_reads_an_uncompressed_checkpoint(tmp_path):
     dcp_to_torch_save(folder, out)
     loaded = torch.load(out, weights_only=False)
     saved_model = loaded["model/model"]
-    _assert_model_equals(model, {k: saved_model[k] for k in model.state_dict()})
+    assert_same_tensors(model, {k: saved_model[k] for k in model.state_dict()})
     assert loaded["optim/optimizer"]["state"]["0.weight"]["momentum_buffer"].shape == (8, 4)
 
 
@@ -745,4 +735,4 @@ def test_plain_dcp_load_reads_an_uncompressed_checkpoint(tmp_path):
     model, folder = _plain_checkpoint(tmp_path)
     target = {"model/model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
     dcp.load(target, checkpoint_id=folder)
-    _assert_model_equals(model, target["model/model"])
+    assert_same_tensors(model, target["model/model"])

@@ -21,7 +21,8 @@ from asyncckpt.errors import ConfigError, CorruptCheckpointError, ForeignFolderE
 from asyncckpt.manifest import MANIFEST_NAME, Manifest
 from asyncckpt.mirror import Mirror, with_backup
 from asyncckpt.quarantine import list_quarantined
-from asyncckpt.storage import MARKER_NAME, Storage, list_committed
+from asyncckpt.storage import MARKER_NAME, Storage
+from helpers.checkpoints import committed_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -37,10 +38,6 @@ def _step(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)
-
-
-def _steps(root: Path | str, options: dict | None = None) -> list[int]:
-    return [m.step for m in list_committed(Storage(root, options))]
 
 
 def _damage(folder: Path) -> None:
@@ -120,7 +117,7 @@ def test_mirror_copies_each_commit_under_its_own_retention(tmp_path) -> None:
             mgr.wait()                                  # waits for the mirror too
         assert [i.step for i in mgr.list(backup=True)] == [4, 5]
         assert all(i.path.startswith(str(tmp_path / "backup")) for i in mgr.list(backup=True))
-    assert _steps(tmp_path / "primary") == [3, 4, 5]
+    assert committed_steps(tmp_path / "primary") == [3, 4, 5]
     assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["step-0000000004",
                                                                        "step-0000000005"]
     for step in (4, 5):
@@ -137,7 +134,7 @@ def test_backup_retention_defaults_to_the_primary_retention(tmp_path) -> None:
                            retention=Retention(keep_last=2)) as mgr:
         for step in range(1, 5):
             mgr.save(step, state)
-    assert _steps(tmp_path / "b") == [3, 4] == _steps(tmp_path / "p")
+    assert committed_steps(tmp_path / "b") == [3, 4] == committed_steps(tmp_path / "p")
 
 
 def test_a_mirror_that_falls_behind_skips_to_the_newest_without_blocking(tmp_path, faulty_fs,
@@ -153,8 +150,8 @@ def test_a_mirror_that_falls_behind_skips_to_the_newest_without_blocking(tmp_pat
             mgr.save(step, state).result(timeout=120)
         faulty_fs.release()
         mgr.close()
-    assert _steps(tmp_path / "p") == [1, 2, 3, 4]
-    assert _steps(tmp_path / "b") == [1, 4]
+    assert committed_steps(tmp_path / "p") == [1, 2, 3, 4]
+    assert committed_steps(tmp_path / "b") == [1, 4]
     assert "the mirror to" in caplog.text and "is behind" in caplog.text
 
 
@@ -172,11 +169,11 @@ def test_a_mirror_failure_is_latched_and_surfaces_per_on_error(tmp_path, faulty_
         else:
             mgr.wait()
     assert "mirroring to" in caplog.text
-    assert _steps(tmp_path / "b") == [] and not any((tmp_path / "b").glob("step-*/*"))
+    assert committed_steps(tmp_path / "b") == [] and not any((tmp_path / "b").glob("step-*/*"))
     faulty_fs.disarm()
     mgr.save(2, state)
     mgr.close()
-    assert _steps(tmp_path / "b") == [2]
+    assert committed_steps(tmp_path / "b") == [2]
 
 
 def test_a_damaged_primary_is_never_mirrored(tmp_path) -> None:
@@ -188,7 +185,7 @@ def test_a_damaged_primary_is_never_mirrored(tmp_path) -> None:
     mirror.submit(1)
     with pytest.raises(CorruptCheckpointError, match="not mirrored"):
         mirror.close()
-    assert _steps(tmp_path / "b") == [] and not any((tmp_path / "b").glob("step-*/*"))
+    assert committed_steps(tmp_path / "b") == [] and not any((tmp_path / "b").glob("step-*/*"))
 
 
 def test_a_step_pruned_from_the_primary_first_is_skipped(tmp_path, caplog) -> None:
@@ -281,7 +278,7 @@ def test_fallback_without_a_backup_is_a_config_error(tmp_path) -> None:
 def test_local_primary_with_an_s3_backup(tmp_path, s3_bucket) -> None:
     backup, options = f"s3://{s3_bucket['name']}/backup", s3_bucket["options"]
     params = _saved(tmp_path, backup, options)
-    assert _steps(backup, options) == [1, 2, 3]
+    assert committed_steps(backup, options) == [1, 2, 3]
     keys = s3_bucket["client"].list_objects_v2(Bucket=s3_bucket["name"])["Contents"]
     assert {k["Key"].split("/")[1] for k in keys} == {f"step-{s:010d}" for s in (1, 2, 3)}
     shutil.rmtree(tmp_path / "p")

@@ -16,6 +16,7 @@ from asyncckpt.errors import CheckpointNotFoundError, ConfigError, StateMismatch
 from asyncckpt.restore import select_parts
 from asyncckpt.state import to_blob
 from helpers_crafting import replace_item
+from helpers.checkpoints import same_tensors
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -35,10 +36,6 @@ def _trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.l
         opt.step()
         sched.step()
     return model, opt, sched
-
-
-def _same(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def _opt_state(opt: torch.optim.Optimizer) -> dict:
@@ -93,7 +90,7 @@ def test_model_only_restore_leaves_optimizer_scheduler_and_rng_untouched(tmp_pat
                            include=["model"]) == 7
         assert torch.equal(torch.get_rng_state(), rng_before)
         assert mgr.last_restore_report.loaded == ["model/model"]
-    assert _same(model2, model)
+    assert same_tensors(model2, model)
     after = _opt_state(opt2)
     assert after.keys() == before_opt.keys()
     for k in after:
@@ -109,10 +106,10 @@ def test_one_of_several_models_by_name(tmp_path):
         enc2, dec2 = _net(2), _net(3)
         dec2_before = _net(3)
         mgr.restore(TrainState(model={"enc": enc2, "dec": dec2}), include=["model:enc"])
-        assert _same(enc2, enc) and _same(dec2, dec2_before)
+        assert same_tensors(enc2, enc) and same_tensors(dec2, dec2_before)
         enc3, dec3 = _net(4), _net(5)
         mgr.restore(TrainState(model={"enc": enc3, "dec": dec3}), exclude=["model:enc"])
-        assert _same(dec3, dec) and _same(enc3, _net(4))
+        assert same_tensors(dec3, dec) and same_tensors(enc3, _net(4))
 
 
 def test_optimizer_by_name(tmp_path):
@@ -219,7 +216,7 @@ def test_a_checkpoint_saved_on_a_gpu_restores_on_cpu(tmp_path):
         extra2: dict = {}
         model2 = _net(1)
         assert mgr.restore(TrainState(model=model2, extra=extra2, rng=False), map_location="cpu") == 1
-    assert _same(model2, model)
+    assert same_tensors(model2, model)
     assert extra2["ema"].device.type == "cpu" and torch.equal(extra2["ema"], gpu_extra["ema"])
 
 
@@ -237,7 +234,7 @@ def test_initial_from_loads_model_only_when_the_run_has_no_checkpoint(tmp_path):
         assert mgr.restore(TrainState(model=model, optimizer=opt)) == 0
         assert mgr.last_restore_report.step == 500
         assert mgr.last_restore_report.loaded == ["model/model"]
-        assert _same(model, pre)
+        assert same_tensors(model, pre)
         assert all(torch.equal(_opt_state(opt)[k]["exp_avg"], opt_before[k]["exp_avg"]) for k in opt_before)
         with torch.no_grad():
             model[0].weight.add_(1.0)
@@ -260,7 +257,7 @@ def test_initial_from_a_release_and_from_a_checkpoint_folder(tmp_path):
         model = _net(3)
         with CheckpointManager(tmp_path / f"ft-{len(source)}", initial_from=source) as mgr:
             assert mgr.restore(TrainState(model=model)) == 0
-        assert _same(model, pre), source
+        assert same_tensors(model, pre), source
 
 
 def test_initial_from_nothing_there_is_an_error(tmp_path):

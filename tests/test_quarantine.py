@@ -22,6 +22,7 @@ from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.quarantine import QUARANTINE_DIR, list_quarantined
 from asyncckpt.retention import Retention as PureRetention
 from asyncckpt.storage import Storage
+from helpers.checkpoints import flip_byte, shard_of, step_folder, step_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -42,20 +43,6 @@ def _train(mgr: CheckpointManager, state: TrainState, start: int, stop: int) -> 
         mgr.maybe_save(step + 1, state, metrics={"loss": float(step)})
 
 
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / MANIFEST_NAME).exists())
-
-
-def _shard(root: Path, step: int) -> Path:
-    return next((root / f"step-{step:010d}").glob("*.distcp"))
-
-
-def _flip(path: Path, offset: int = 20) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def _run(root: Path, mgr_kw: dict, start: int, stop: int) -> int:
     """One run of the training job: restore, train to ``stop``, close; returns the resumed step."""
     state = _state()
@@ -74,9 +61,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_run_resumed_past_a_damaged_newest_checkpoint_trains_through_it(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 400)
-    _flip(_shard(root, 400))
+    flip_byte(shard_of(step_folder(root, 400)), 20)
     assert _run(root, {}, 300, 500) == 300  # fell back; saving 400 again must not raise
-    assert _steps(root) == [100, 200, 300, 400, 500]
+    assert step_folders(root, with_manifest=True) == [100, 200, 300, 400, 500]
     (aside,) = list_quarantined(Storage(root))
     assert aside.step == 400 and "checksum" in aside.reason and aside.name.startswith("step-0000000400.")
     assert (root / QUARANTINE_DIR / aside.name / MANIFEST_NAME).exists()  # kept for inspection
@@ -101,23 +88,24 @@ def test_an_edited_manifest_never_blocks_its_step(tmp_path: Path, edit: str) -> 
         raw["metrics"] = {"loss": -1.0}
         path.write_text(json.dumps(raw))
     assert _run(root, {}, 300, 450) == 300
-    assert _steps(root) == [100, 200, 300, 400]
+    assert step_folders(root, with_manifest=True) == [100, 200, 300, 400]
     assert [q.step for q in list_quarantined(Storage(root))] == [400]
 
 
 def test_prune_never_keeps_a_damaged_newest_in_place_of_a_whole_one(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 400)
-    _flip(_shard(root, 400))
+    flip_byte(shard_of(step_folder(root, 400)), 20)
     dry = _cli("prune", str(root), "--keep-last", "1", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["quarantined"] == [400] and "would be quarantined" in dry.stderr
-    assert _steps(root) == [100, 200, 300, 400] and not (root / QUARANTINE_DIR).exists()
+    assert step_folders(root, with_manifest=True) == [100, 200, 300, 400]
+    assert not (root / QUARANTINE_DIR).exists()
     done = _cli("prune", str(root), "--keep-last", "1", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["kept"] == [200, 300] and out["deleted"] == [100] and out["quarantined"] == [400]
-    assert _steps(root) == [200, 300]
+    assert step_folders(root, with_manifest=True) == [200, 300]
     assert [q.step for q in list_quarantined(Storage(root))] == [400]
     assert _cli("verify", str(root)).returncode == 0
 
@@ -125,7 +113,7 @@ def test_prune_never_keeps_a_damaged_newest_in_place_of_a_whole_one(tmp_path: Pa
 def test_prune_checks_checksums_unless_told_sizes_only(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 300)
-    _flip(_shard(root, 300))  # same size: only a checksum finds it
+    flip_byte(shard_of(step_folder(root, 300)), 20)  # same size: only a checksum finds it
     sizes_only = json.loads(_cli("prune", str(root), "--keep-last", "1", "--no-verify", "--dry-run",
                                  "--json").stdout)
     assert sizes_only["quarantined"] == [] and sizes_only["deleted"] == [100]
@@ -141,38 +129,38 @@ def test_background_retention_quarantines_a_truncated_slot_holder_and_keeps_a_wh
                            retention=Retention(keep_last=2)) as mgr:
         _train(mgr, state, 0, 200)
         mgr.wait()
-        shard = _shard(root, 200)
+        shard = shard_of(step_folder(root, 200))
         shard.write_bytes(shard.read_bytes()[:-1])
         _train(mgr, state, 200, 300)
         mgr.wait()
-        assert _steps(root) == [100, 300]  # not [200, 300]: 200 is damaged
+        assert step_folders(root, with_manifest=True) == [100, 300]  # not [200, 300]: 200 is damaged
         assert [q.step for q in list_quarantined(mgr.storage)] == [200]
         _train(mgr, state, 300, 500)
         mgr.wait()
         # 200 is now older than keep_last=2 committed checkpoints: removed like any old one
-        assert _steps(root) == [400, 500]
+        assert step_folders(root, with_manifest=True) == [400, 500]
         assert list_quarantined(mgr.storage) == []
 
 
 def test_restore_of_a_named_step_raises_and_quarantines_nothing(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 200)
-    _flip(_shard(root, 200))
+    flip_byte(shard_of(step_folder(root, 200)), 20)
     with CheckpointManager(root) as mgr, pytest.raises(Exception, match="checksum"):
         mgr.restore(_state(), 200)
-    assert _steps(root) == [100, 200] and not (root / QUARANTINE_DIR).exists()
+    assert step_folders(root, with_manifest=True) == [100, 200] and not (root / QUARANTINE_DIR).exists()
 
 
 def test_a_reader_that_does_not_hold_the_root_quarantines_nothing(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 200)
-    _flip(_shard(root, 200))
+    flip_byte(shard_of(step_folder(root, 200)), 20)
     with CheckpointManager(root) as writer:  # holds the lease
         with CheckpointManager(root, lease=False) as reader:
             assert reader.restore(_state()) == 100
-        assert _steps(root) == [100, 200] and not (root / QUARANTINE_DIR).exists()
+        assert step_folders(root, with_manifest=True) == [100, 200] and not (root / QUARANTINE_DIR).exists()
         assert writer.restore(_state()) == 100
-    assert _steps(root) == [100]
+    assert step_folders(root, with_manifest=True) == [100]
 
 
 def test_expired_quarantine_follows_keep_last() -> None:

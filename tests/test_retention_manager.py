@@ -24,6 +24,7 @@ from asyncckpt.schedule import format_params
 from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import MARKER_NAME, Storage, delete_checkpoint, list_committed, verify_files
 from helpers_prune_child import weights_at
+from helpers.checkpoints import committed_steps, step_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -37,14 +38,6 @@ def _state(step: int = 0) -> TrainState:
 
 def _save(mgr: CheckpointManager, step: int, **kw) -> None:
     mgr.save(step, _state(step), **kw)
-
-
-def _steps(mgr: CheckpointManager) -> list[int]:
-    return [i.step for i in mgr.list()]
-
-
-def _on_disk(root: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step-"))
 
 
 def _tags(mgr: CheckpointManager) -> dict[int, tuple[str, ...]]:
@@ -83,8 +76,8 @@ def test_each_rule_end_to_end(tmp_path, policy, tags, kept):
         for step in range(1, 11):
             _save(mgr, step, metrics={"loss": LOSS[step], "acc": ACC[step]}, tags=tags.get(step, ()))
         mgr.wait()
-        assert _steps(mgr) == kept
-        assert _on_disk(root) == kept
+        assert committed_steps(mgr) == kept
+        assert step_folders(root) == kept
         info = {i.step: i for i in mgr.list()}
         for step, extra in tags.items():
             if step in info:
@@ -100,7 +93,7 @@ def test_100_saves_keep_last_3_leave_exactly_three_and_no_stray_files(tmp_path):
         state = _state(1)
         for step in range(1, 101):
             mgr.save(step, state)
-    assert _on_disk(root) == [98, 99, 100]
+    assert step_folders(root) == [98, 99, 100]
     found = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     expected = []
     for m in list_committed(Storage(root)):
@@ -139,15 +132,16 @@ def test_nothing_is_deleted_before_the_save_that_makes_it_surplus_commits(tmp_pa
         for step in (1, 2, 3):
             _save(mgr, step, blocking=True)
         mgr.wait()  # retention runs after the commit that result() waits for
-        assert _steps(mgr) == [2, 3]
+        assert committed_steps(mgr) == [2, 3]
         faulty_fs.pause()
         handle = mgr.save(4, _state(4))
         assert faulty_fs.paused.wait(30)
-        assert _steps(mgr) == [2, 3] and _on_disk(root) == [2, 3, 4]  # 4 is written, not committed
+        assert committed_steps(mgr) == [2, 3]
+        assert step_folders(root) == [2, 3, 4]  # 4 is written, not committed
         faulty_fs.release()
         handle.result(timeout=30)
         mgr.wait()
-        assert _steps(mgr) == [3, 4] and _on_disk(root) == [3, 4]
+        assert committed_steps(mgr) == [3, 4] and step_folders(root) == [3, 4]
 
 
 # -- readers never trip over retention's deletions --------------------------------------------
@@ -163,7 +157,7 @@ def test_verify_and_list_skip_a_checkpoint_deleted_while_they_read_it(tmp_path, 
         faulty_fs.on_read = (f"step-0000000002/{at}", lambda: delete_checkpoint(Storage(root), 2))
         assert mgr.verify() == {1: [], 3: []} and faulty_fs.on_read is None
         faulty_fs.on_read = (f"step-0000000001/{MANIFEST_NAME}", lambda: delete_checkpoint(Storage(root), 1))
-        assert _steps(mgr) == [3] and faulty_fs.on_read is None
+        assert committed_steps(mgr) == [3] and faulty_fs.on_read is None
         faulty_fs.on_read = (f"step-0000000003/{at}", lambda: delete_checkpoint(Storage(root), 3))
         with pytest.raises(CheckpointNotFoundError, match="at step 3"):
             mgr.verify(3)
@@ -197,7 +191,7 @@ def test_readers_right_after_save_never_fail_on_the_retention_in_flight(tmp_path
         for step in range(1, 201):
             mgr.save(step, _state(step % 3))
             try:
-                report, listed = mgr.verify(), _steps(mgr)
+                report, listed = mgr.verify(), committed_steps(mgr)
                 assert all(p == [] for p in report.values()), report
                 assert listed == sorted(listed) and set(listed) <= set(range(1, step + 1))
             except Exception as e:  # noqa: BLE001 - counted: the test asserts there is none
@@ -215,7 +209,7 @@ def test_missing_metric_warns_once_per_manager_and_metric_and_never_crashes(tmp_
         for step, metrics in saves.items():
             _save(mgr, step, metrics=metrics, blocking=True)
         mgr.wait()
-        assert _steps(mgr) == [1, 5, 6]
+        assert committed_steps(mgr) == [1, 5, 6]
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "no finite value of metric" in r.getMessage()]
     warned = [m for level, m in said if level == logging.WARNING]
     assert [m.split(" ")[0] for m in warned] == ["step=2", "step=3"]   # val_loss first missed, then acc
@@ -234,15 +228,15 @@ def test_explicit_prune_dry_run_and_other_policy(tmp_path, caplog):
     with CheckpointManager(tmp_path / "ckpt") as mgr:  # no retention: keeps everything
         for step in range(1, 6):
             _save(mgr, step, metrics={"loss": float(step)} if step > 1 else {}, blocking=True)
-        assert _steps(mgr) == [1, 2, 3, 4, 5]
+        assert committed_steps(mgr) == [1, 2, 3, 4, 5]
         with pytest.raises(ConfigError, match="needs a Retention"):
             mgr.prune()
         policy = Retention(keep_last=1, keep_best=1, best_metric="loss")
         caplog.set_level(logging.WARNING, logger="asyncckpt")
         assert mgr.prune(policy, dry_run=True) == [1, 3]
-        assert _steps(mgr) == [1, 2, 3, 4, 5]
+        assert committed_steps(mgr) == [1, 2, 3, 4, 5]
         assert mgr.prune(policy) == [1, 3]
-        assert _steps(mgr) == [2, 4, 5] and _on_disk(tmp_path / "ckpt") == [2, 4, 5]
+        assert committed_steps(mgr) == [2, 4, 5] and step_folders(tmp_path / "ckpt") == [2, 4, 5]
     assert sum("lack a finite value" in r.getMessage() for r in caplog.records) == 2  # one a call
 
 
@@ -373,8 +367,8 @@ def test_next_start_removes_half_deleted_folders_and_unfinished_releases(tmp_pat
     assert [m.step for m in list_committed(Storage(root))] == [2, 3]  # never listed half-deleted
     caplog.set_level(logging.WARNING, logger="asyncckpt")
     with CheckpointManager(root) as mgr:
-        assert _steps(mgr) == [2, 3] and mgr.releases() == []
-    assert _on_disk(root) == [2, 3] and not (root / "releases" / "v2.0.0").exists()
+        assert committed_steps(mgr) == [2, 3] and mgr.releases() == []
+    assert step_folders(root) == [2, 3] and not (root / "releases" / "v2.0.0").exists()
     assert sum("never committed" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -451,8 +445,8 @@ def _check_after_crash(root: Path, kill_at: int, *, per_checkpoint: int) -> None
     for m in list_committed(storage):  # every listed checkpoint is whole...
         assert verify_files(storage.child(f"step-{m.step:010d}"), m) == []
     with CheckpointManager(root) as mgr:  # ...and restores; the next start removes leftovers
-        assert _steps(mgr) == listed
-        assert _on_disk(root) == listed
+        assert committed_steps(mgr) == listed
+        assert step_folders(root) == listed
         for step in listed:
             state = _state(0)
             assert mgr.restore(state, step) == step

@@ -19,6 +19,7 @@ from torch import nn
 
 from asyncckpt import CheckpointManager, TrainState, cli
 from asyncckpt.manifest import MANIFEST_NAME
+from helpers.checkpoints import flip_byte
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -49,12 +50,6 @@ def _files(root: Path, step: int) -> list[str]:
     return [f["path"] for f in manifest["files"]]
 
 
-def _flip(path: Path, offset: int = -1) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     rc = cli.main(["verify", *argv])
     return rc, capsys.readouterr().out
@@ -71,7 +66,7 @@ def test_whole_checkpoints_pass(root: Path, capsys: pytest.CaptureFixture[str]) 
 def test_each_damaged_file_is_named_and_exit_is_one(root: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     shard, meta = [f for f in _files(root, 2) if f.endswith(".distcp")][0], ".metadata"
-    _flip(root / "step-0000000002" / shard)
+    flip_byte(root / "step-0000000002" / shard, -1, 0x40)
     (root / "step-0000000003" / meta).unlink()
     rc, out = _run(capsys, str(root))
     assert rc == 1
@@ -96,7 +91,7 @@ def test_json_report(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_one_step_checks_only_that_step(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _flip(root / "step-0000000001" / ".metadata", 0)
+    flip_byte(root / "step-0000000001" / ".metadata", 0, 0x40)
     assert _run(capsys, str(root), "2")[0] == 0
     rc, out = _run(capsys, str(root), "1")
     assert rc == 1 and out.startswith("step 1: DAMAGED")
@@ -133,7 +128,7 @@ def test_empty_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_command_line_exit_status(root: Path) -> None:
     """The real ``python -m asyncckpt`` process: exit 1 and the file named on stdout."""
     shard = [f for f in _files(root, 3) if f.endswith(".distcp")][-1]
-    _flip(root / "step-0000000003" / shard, 10)
+    flip_byte(root / "step-0000000003" / shard, 10, 0x40)
     proc = subprocess.run([sys.executable, "-m", "asyncckpt", "verify", str(root)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1, proc.stderr
