@@ -42,6 +42,7 @@ import asyncckpt.manager  # noqa: F401 - the forkserver imports it once for ever
 import torch._dynamo  # noqa: F401 - DCP's state_dict imports it lazily: 1 s in every child otherwise
 import torch.distributed.checkpoint.state_dict  # noqa: F401
 from asyncckpt import CheckpointManager, Retention, TrainState
+from helpers.checkpoints import same_tensors
 
 PROTOCOL = "announce"
 MUTATING = ("mkdir", "open-w", "write", "close", "rm")
@@ -175,8 +176,7 @@ def _phase(spec: dict[str, Any], conn: Any, go: Any) -> None:
         mgr = _manager(spec)
         state = TrainState(model=weights_at(0, big))
         got = mgr.restore(state)
-        same = all(torch.equal(a, b) for a, b in zip(state.models["model"].state_dict().values(),
-                                                     weights_at(got, big).state_dict().values()))
+        same = same_tensors(state.models["model"], weights_at(got, big))
         conn.send(f"RESTORED {got} {'ok' if same else 'MISMATCH'}")
     elif phase == "prune":
         mgr = _manager(spec, retention=Retention(keep_last=2))

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, ge
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.errors import StateMismatchError
 from asyncckpt.foreign import map_keys, weight_keys
+from helpers.checkpoints import same_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -186,10 +187,6 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _flat_optim(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, object]:
     """torchtitan's OptimizersContainer.state_dict(): ``state.{fqn}.{k}`` and
     ``param_groups.{fqn}.{k}`` (its get_flat_optim_state_dict)."""
@@ -252,16 +249,16 @@ def _original(tmp_path, save, steps: int = 3):
 def test_restore_a_foreign_checkpoint_continues_bit_exactly(tmp_path, save):
     source, at_save, after = _original(tmp_path, save)
     model, opt, sched = _run(1)
-    assert not _equal(_weights(model), at_save)
+    assert not same_tensors(_weights(model), at_save)
     with CheckpointManager(tmp_path / "run") as mgr:
         step = mgr.restore(TrainState(model=model, optimizer=opt, scheduler=sched), source)
         report = mgr.last_restore_report
     assert step == (3 if save is save_torchtitan else 0)
     assert report.loaded == ["model/model", "optim/optimizer", "scheduler"]
-    assert _equal(_weights(model), at_save)
+    assert same_tensors(_weights(model), at_save)
     for i in range(3, 5):
         _step(model, opt, sched, i)
-    assert _equal(_weights(model), after)
+    assert same_tensors(_weights(model), after)
 
 
 def test_torchtitan_entries_not_restored_are_reported(tmp_path):
@@ -284,10 +281,10 @@ def test_a_run_can_start_from_a_foreign_checkpoint(tmp_path, save):
     with CheckpointManager(tmp_path / "run", **kw) as mgr:
         assert mgr.restore(TrainState(model=model, optimizer=opt, scheduler=sched)) == 0
         assert mgr.last_restore_report.loaded == ["model/model", "optim/optimizer", "scheduler"]
-    assert _equal(_weights(model), at_save)
+    assert same_tensors(_weights(model), at_save)
     for i in range(3, 5):
         _step(model, opt, sched, i)
-    assert _equal(_weights(model), after)
+    assert same_tensors(_weights(model), after)
 
 
 def test_torchtitan_root_restores_its_newest_step(tmp_path):
@@ -301,7 +298,7 @@ def test_torchtitan_root_restores_its_newest_step(tmp_path):
     with CheckpointManager(tmp_path / "run") as mgr:
         assert mgr.restore(TrainState(model=fresh, optimizer=fopt, scheduler=fsched),
                            tmp_path / "tt") == 2
-    assert _equal(_weights(fresh), _weights(model))
+    assert same_tensors(_weights(fresh), _weights(model))
     assert fsched.last_epoch == sched.last_epoch == 2
     assert fsched.state_dict() == sched.state_dict()  # _step_count and the last lr too
 
@@ -316,7 +313,7 @@ def test_a_checkpoint_that_maps_onto_nothing_is_an_error(tmp_path, strict):
         with pytest.raises(StateMismatchError, match=r"'encoder'.*tok_embeddings") as e:
             mgr.restore(TrainState(model=model, optimizer=opt), tmp_path / "other", strict=strict)
     assert "no layout asyncckpt can map" in str(e.value)
-    assert _equal(_weights(model), before)
+    assert same_tensors(_weights(model), before)
 
 
 def test_a_shape_mismatch_names_the_key(tmp_path):
@@ -355,7 +352,7 @@ def test_own_layout_plain_dcp_folder_still_reads_as_before(tmp_path):
     with CheckpointManager(tmp_path / "run") as mgr:
         assert mgr.restore(TrainState(model=fresh, optimizer=fopt), tmp_path / "own") == 0
         assert mgr.last_restore_report.refused == []
-    assert _equal(_weights(fresh), _weights(model))
+    assert same_tensors(_weights(fresh), _weights(model))
 
 
 def _save_with_torchtitan(root, steps: int = 3):
@@ -407,10 +404,10 @@ def test_real_torchtitan_output_restores_and_continues_bit_exactly(tmp_path):
                            tmp_path / "titan" / "checkpoint")
         assert mgr.last_restore_report.loaded == ["model/model", "optim/optimizer", "scheduler"]
     assert step == 3
-    assert _equal(_weights(model), at_save)
+    assert same_tensors(_weights(model), at_save)
     for i in range(3, 5):
         _step(model, opt, sched, i)
-    assert _equal(_weights(model), after)
+    assert same_tensors(_weights(model), after)
 
 
 def test_an_asyncckpt_root_is_never_read_as_a_torchtitan_root(tmp_path):

@@ -22,7 +22,7 @@ from asyncckpt.manifest import MANIFEST_NAME, Manifest
 from asyncckpt.mirror import Mirror, with_backup
 from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import MARKER_NAME, Storage
-from helpers.checkpoints import committed_steps
+from helpers.checkpoints import committed_steps, same_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -241,28 +241,24 @@ def _restore(tmp_path: Path, backup: str | None, options: dict | None = None, wh
         return mgr.restore(state, which, **kw), model
 
 
-def _same(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
-
-
 def test_restore_falls_back_to_the_backup_when_the_primary_is_damaged_or_gone(tmp_path, caplog):
     backup = str(tmp_path / "b")
     params = _saved(tmp_path, backup)
     _damage(tmp_path / "p" / "step-0000000003")
     with caplog.at_level(logging.WARNING, logger="asyncckpt"):
         step, model = _restore(tmp_path, backup)
-    assert step == 3 and _same(model, params[3])        # the backup's 3, not the primary's 2
+    assert step == 3 and same_tensors(model, params[3])        # the backup's 3, not the primary's 2
     assert "restoring from the backup" in caplog.text
     assert not (tmp_path / "p" / "step-0000000003").exists()  # the damaged primary copy set aside
     assert [q.name[:15] for q in list_quarantined(Storage(tmp_path / "p"))] == ["step-0000000003"]
     step, model = _restore(tmp_path, backup, fallback_to_backup=False)
-    assert step == 2 and _same(model, params[2])        # without it: an older primary copy
+    assert step == 2 and same_tensors(model, params[2])        # without it: an older primary copy
     shutil.rmtree(tmp_path / "p" / "step-0000000002")
     step, model = _restore(tmp_path, backup, which=2)   # a step the primary lost
-    assert step == 2 and _same(model, params[2])
+    assert step == 2 and same_tensors(model, params[2])
     shutil.rmtree(tmp_path / "p")                       # the whole primary is gone
     step, model = _restore(tmp_path, backup)
-    assert step == 3 and _same(model, params[3])
+    assert step == 3 and same_tensors(model, params[3])
 
 
 def test_fallback_without_a_backup_is_a_config_error(tmp_path) -> None:
@@ -283,4 +279,4 @@ def test_local_primary_with_an_s3_backup(tmp_path, s3_bucket) -> None:
     assert {k["Key"].split("/")[1] for k in keys} == {f"step-{s:010d}" for s in (1, 2, 3)}
     shutil.rmtree(tmp_path / "p")
     step, model = _restore(tmp_path, backup, options)
-    assert step == 3 and _same(model, params[3])
+    assert step == 3 and same_tensors(model, params[3])

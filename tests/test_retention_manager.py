@@ -24,7 +24,7 @@ from asyncckpt.schedule import format_params
 from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import MARKER_NAME, Storage, delete_checkpoint, list_committed, verify_files
 from helpers_prune_child import weights_at
-from helpers.checkpoints import committed_steps, step_folders
+from helpers.checkpoints import assert_same_tensors, committed_steps, step_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -173,8 +173,7 @@ def test_restore_latest_moves_on_when_the_newest_is_deleted_while_it_reads(tmp_p
         faulty_fs.on_read = ("step-0000000002/__0_0", lambda: delete_checkpoint(Storage(root), 2))
         state = _state(0)
         assert mgr.restore(state) == 1 and faulty_fs.on_read is None
-        assert all(torch.equal(a, b) for a, b in zip(state.models["model"].state_dict().values(),
-                                                     weights_at(1).state_dict().values()))
+        assert_same_tensors(state.models["model"], weights_at(1))
         faulty_fs.on_read = ("step-0000000001/__0_0", lambda: delete_checkpoint(Storage(root), 1))
         with pytest.raises(CheckpointNotFoundError, match="at step 1"):
             mgr.restore(_state(0), 1)

@@ -13,14 +13,10 @@ import asyncckpt
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.errors import (CheckpointNotFoundError, ConfigError, IntegrityError,
                               StateMismatchError)
+from helpers.checkpoints import same_tensors
 from test_foreign import Tiny, _run, _step, _weights, save_torchtitan
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def _equal(got: dict[str, torch.Tensor], model: nn.Module) -> bool:
-    want = model.state_dict()
-    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _nets(seed: int) -> nn.Module:
@@ -42,16 +38,16 @@ def root(tmp_path):
 @pytest.mark.parametrize("which,step", [("latest", 30), (10, 10), ("20", 20), ("best:loss", 20)])
 def test_a_root_gives_the_chosen_checkpoint(root, which, step):
     path, models = root
-    assert _equal(asyncckpt.load_weights(path, which), models[step])
+    assert same_tensors(asyncckpt.load_weights(path, which), models[step])
 
 
 def test_a_checkpoint_folder_and_a_release(root):
     path, models = root
-    assert _equal(asyncckpt.load_weights(path / "step-0000000020"), models[20])
+    assert same_tensors(asyncckpt.load_weights(path / "step-0000000020"), models[20])
     with CheckpointManager(path) as mgr:
         info = mgr.release(10, version="1.0.0")
     got = asyncckpt.load_weights(info.path)
-    assert _equal(got, models[10])
+    assert same_tensors(got, models[10])
 
 
 def test_best_needs_a_metric_and_missing_steps_are_named(root):
@@ -74,8 +70,8 @@ def test_best_follows_the_ranking_the_run_recorded(tmp_path):
         for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7)):
             models[step] = _nets(step)
             mgr.save(step, TrainState(model=models[step]), metrics={"acc": acc}).result(timeout=120)
-    assert _equal(asyncckpt.load_weights(tmp_path / "run", "best"), models[20])
-    assert _equal(asyncckpt.load_weights(tmp_path / "run", "best:acc"), models[20])  # its mode: max
+    assert same_tensors(asyncckpt.load_weights(tmp_path / "run", "best"), models[20])
+    assert same_tensors(asyncckpt.load_weights(tmp_path / "run", "best:acc"), models[20])  # its mode: max
 
 
 def test_checksums_are_verified(root):
@@ -92,7 +88,7 @@ def test_one_model_of_several_by_name(tmp_path):
     enc, dec = _nets(1), _nets(2)
     with CheckpointManager(tmp_path / "run") as mgr:
         mgr.save(1, TrainState(model={"enc": enc, "dec": dec})).result(timeout=120)
-    assert _equal(asyncckpt.load_weights(tmp_path / "run", model_name="dec"), dec)
+    assert same_tensors(asyncckpt.load_weights(tmp_path / "run", model_name="dec"), dec)
     with pytest.raises(ConfigError, match="enc"):
         asyncckpt.load_weights(tmp_path / "run", model_name="nope")
 
@@ -107,7 +103,7 @@ def test_foreign_layouts(tmp_path):
     for source in (tmp_path / "api", tmp_path / "titan", tmp_path / "titan" / "step-1",
                    tmp_path / "bare"):
         got = asyncckpt.load_weights(source)
-        assert _equal(got, model), source
+        assert same_tensors(got, model), source
         fresh = Tiny(5)
         fresh.load_state_dict(got)   # usable as it is
         assert _weights(fresh).keys() == _weights(model).keys()
