@@ -1,17 +1,16 @@
 """Hugging Face on CPU: an Accelerate loop that stops and resumes bit-exactly through
-``accelerate_state``, and the transformers ``AsyncCheckpointCallback`` in a ``Trainer``."""
+``accelerate_state`` (the transformers ``Trainer``: test_integrations_hf_trainer.py)."""
 
 from __future__ import annotations
 
 import logging
 import sys
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from asyncckpt import CheckpointManager, Retention, Schedule, TrainState
+from asyncckpt import CheckpointManager, Schedule
 from asyncckpt.integrations.hf import accelerate_state
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -80,62 +79,6 @@ def test_accelerate_state_unwraps_and_warns_about_a_stateless_loader(caplog):
     assert type(state.optimizers["optimizer"]) is torch.optim.SGD
     assert isinstance(state.schedulers["scheduler"], torch.optim.lr_scheduler.StepLR)
     assert state.dataloaders == {} and "use_stateful_dataloader" in caplog.text
-
-
-class _Regressor(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(6, 1)
-
-    def forward(self, x, labels=None):
-        out = self.net(x)
-        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        self.data = _data()
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        x, y = self.data[i]
-        return {"x": x, "labels": y}
-
-
-def _hf_train(tmp_path, root, max_steps: int):
-    transformers = pytest.importorskip("transformers")
-    from asyncckpt.integrations.hf import AsyncCheckpointCallback
-
-    torch.manual_seed(0)
-    model = _Regressor()
-    cb = AsyncCheckpointCallback(root, schedule=Schedule(every_n_steps=3),
-                                 retention=Retention(keep_last=2))
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf-out"), max_steps=max_steps, per_device_train_batch_size=8,
-        learning_rate=0.01, save_strategy="no", report_to=[], logging_steps=1, use_cpu=True,
-        disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[cb])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train()
-    return model, cb, trainer
-
-
-def test_transformers_callback_saves_and_resumes(tmp_path):
-    root = tmp_path / "ckpt"
-    model, cb, _ = _hf_train(tmp_path, root, max_steps=7)
-    with CheckpointManager(root) as mgr:
-        infos = mgr.list()
-        assert [i.step for i in infos] == [6, 7] and "loss" in infos[-1].metrics
-        saved = _Regressor()
-        mgr.restore(TrainState(model=saved), include=["model"])
-    assert torch.equal(saved.net.weight, model.net.weight.detach())
-    model2, cb2, trainer2 = _hf_train(tmp_path, root, max_steps=10)
-    assert cb2.restored_step == 7 and trainer2.state.global_step == 10
-    with CheckpointManager(root) as mgr:
-        assert [i.step for i in mgr.list()] == [9, 10]
 
 
 def test_importing_hf_does_not_import_transformers():

@@ -17,12 +17,22 @@ accelerator's ``GradScaler`` when mixed precision has one, and includes the data
 when it can report its position (``use_stateful_dataloader=True``).
 
 transformers: ``AsyncCheckpointCallback(root, **manager_options)`` in
-``Trainer(callbacks=[...])`` saves the model, optimizer, LR scheduler and RNGs when its
-``Schedule`` says so (and at the last step), asynchronously, with its ``Retention``; use
-``save_strategy="no"`` so the Trainer does not also save.  At ``on_train_begin`` it restores
-the newest checkpoint under ``root`` and sets ``state.global_step``; the Trainer has by
-then decided where its data starts, so the resumed run sees the data from the start of its
-first epoch again: weights, optimizer and schedule resume exactly, the data order does not.
+``Trainer(callbacks=[cb], args=TrainingArguments(..., save_strategy="no"))``, and every run
+started with ``trainer.train(resume_from_checkpoint=cb.resume_from(trainer))``.  Each step
+the Trainer finishes (its logs, evaluation and best metric included) is offered to the
+``Schedule`` (a save at the start of the next step, before its forward pass, or before the
+next epoch; the last step at ``on_train_end``): the model, optimizer, LR scheduler,
+``GradScaler``, RNGs and the ``TrainerState`` as the Trainer's ``trainer_state.json`` holds
+it (other callbacks' states included), asynchronously, with the step's own logged numbers
+as the manifest's metrics and ``int(state.epoch)`` as its epoch.  ``resume_from`` restores
+the newest checkpoint (or ``which=``) where the Trainer restores its own: it writes that
+``trainer_state.json`` into a temporary folder and returns the folder, so the Trainer itself
+sets its state, logging counters and data position (skipping the batches already trained)
+from it, and it hooks the Trainer's ``_load_from_checkpoint``,
+``_load_optimizer_and_scheduler``, ``_load_scaler`` and ``_load_rng_state`` for that folder
+only (RNGs at the start of the resumed epoch, or after its first batch mid-epoch, as the
+Trainer does).  A missing method, or a resume the Trainer did not load, is a
+``ConfigError`` naming the transformers version; so is ``train()`` without ``resume_from``.
 
 Neither package is a dependency of asyncckpt; each is imported when first needed.
 """
@@ -116,9 +126,61 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_TRAINER_STATE = "hf_trainer_state"
+"""The ``extra`` key holding the ``TrainerState`` as JSON (HF's ``trainer_state.json``)."""
+
+_LOADERS = ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state")
+"""The Trainer methods ``resume_from`` hooks: each takes the checkpoint folder first."""
+
+
+def _step_metrics(history: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """The numbers the Trainer logged at ``step`` (its ``log_history`` entries, merged)."""
+    out: dict[str, float] = {}
+    for entry in reversed(history):  # the newest entries are this step's
+        at = entry.get("step")
+        if at != step:
+            if isinstance(at, int) and at < step:
+                break
+            continue
+        for k, v in entry.items():
+            if k != "step" and k not in out and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+    return out
+
+
 def _make_callback(base: type) -> type:
+    import dataclasses
+    import json
+    import shutil
+    import tempfile
+    import weakref
+
+    import transformers
+    from transformers import TrainerState
+    from transformers.trainer_callback import ExportableState
+
+    from ..errors import ConfigError
+    from ..state import PARTS
+
+    version = transformers.__version__
+
+    class _TrainerCheckpoint(TrainState):
+        """A TrainState whose ``extra`` (the Trainer's state as JSON) is built only when a
+        save takes it, not at every step the schedule is asked about."""
+
+        make_extra: Any = None
+
+        def objects(self, rank: int, parts: Any = PARTS) -> dict[str, Any]:
+            parts = tuple(parts)
+            if self.make_extra is not None and "extra" in parts:
+                self.extra = self.make_extra()
+            return super().objects(rank, parts)
+
     class AsyncCheckpointCallback(base):  # type: ignore[misc, valid-type]
-        """A transformers ``TrainerCallback`` saving through a ``CheckpointManager`` (module doc)."""
+        """A transformers ``TrainerCallback`` saving through a ``CheckpointManager``.
+
+        Start every run with ``trainer.train(resume_from_checkpoint=cb.resume_from(trainer))``
+        (the module doc says what is saved and what a resume restores)."""
 
         def __init__(self, root: str | os.PathLike[str], *, resume: bool = True,
                      **manager_options: Any) -> None:
@@ -127,40 +189,189 @@ def _make_callback(base: type) -> type:
             self.manager_options = manager_options
             self.manager: CheckpointManager | None = None
             self.restored_step = 0
-            self._state: TrainState | None = None
-            self._metrics: dict[str, float] = {}
+            """The step the last ``resume_from`` prepared (0: none)."""
+            self._trainer: Any = None
+            self._hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+            self._resume_dir: str | None = None
+            self._cleanup: Any = None
+            self._loaded = self._rng_loaded = self._check_rng = False
+            self._pending: int | None = None  # the step whose save waits for its logs
+            self._state: _TrainerCheckpoint | None = None
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                           optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
-            self.manager = CheckpointManager(self.root, **self.manager_options)
-            self._state = TrainState(model=model, optimizer=_unwrap(optimizer, "optimizer"),
-                                     scheduler=_unwrap(lr_scheduler, "scheduler"))
-            if self.resume:
-                self.restored_step = self.manager.restore(self._state)
-                if self.restored_step:
-                    state.global_step = self.restored_step
-                    log.info("step=%d: resumed from %s", self.restored_step, self.root)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
-                   **kwargs: Any) -> None:
-            for k, v in (logs or {}).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._metrics[k] = float(v)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.manager is None or self._state is None:
-                return
-            last = bool(state.max_steps) and state.global_step >= state.max_steps
-            self.manager.maybe_save(state.global_step, self._state, metrics=self._metrics,
-                                    epoch=None if state.epoch is None else int(state.epoch),
-                                    force=last or bool(control.should_training_stop))
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.manager is not None and self._state is not None:
-                self.manager.maybe_save(state.global_step, self._state, metrics=self._metrics,
-                                        force=True)
+        # -- resume ---------------------------------------------------------------------
+        def resume_from(self, trainer: Any, which: int | str = "latest") -> str | None:
+            """Attach to ``trainer`` and prepare its resume from ``which`` (a step, "latest",
+            "best:<metric>"); returns the folder to pass as
+            ``trainer.train(resume_from_checkpoint=...)``, or None when there is nothing to
+            resume (no checkpoint under the root, or ``resume=False``)."""
+            self._attach(trainer)
+            self._reset_resume()
+            self.restored_step = 0
+            if self.manager is not None:  # an earlier train() that did not reach its end
                 manager, self.manager = self.manager, None
                 manager.close()
+            self.manager = CheckpointManager(self.root, **self.manager_options)
+            if not self.resume:
+                return None
+            holder = TrainState(rng=False)
+            step = self.manager.restore(holder, which, include=["extra"])
+            if not step:
+                return None
+            saved = holder.extra.get(_TRAINER_STATE)
+            if not isinstance(saved, str):
+                raise ConfigError(
+                    f"step {step} under {self.root} holds no Trainer state (saved by an older "
+                    "AsyncCheckpointCallback, or not by this callback), so the Trainer cannot "
+                    "resume it where it stopped; load its weights with asyncckpt.load_weights, "
+                    "or pass resume=False to start over")
+            folder = tempfile.mkdtemp(prefix=f"asyncckpt-resume-{step}-")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
+            name = getattr(transformers.trainer, "TRAINER_STATE_NAME", "trainer_state.json")
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(saved)
+            self._resume_dir, self.restored_step = folder, step
+            log.info("step=%d: the Trainer resumes from %s (trainer state in %s)", step, self.root, folder)
+            return folder
+
+        def _attach(self, trainer: Any) -> None:
+            if self not in getattr(getattr(trainer, "callback_handler", None), "callbacks", ()):
+                raise ConfigError("resume_from(trainer): this AsyncCheckpointCallback is not one of "
+                                  "the trainer's callbacks; pass it as Trainer(callbacks=[cb])")
+            missing = [n for n in _LOADERS if not callable(getattr(trainer, n, None))]
+            if missing:
+                raise ConfigError(
+                    f"transformers {version}: Trainer has no {', '.join(missing)}(), where "
+                    "AsyncCheckpointCallback loads a checkpoint as the Trainer loads its own; "
+                    "this transformers version is not supported (tested with 4.46 and 5.25)")
+            if getattr(trainer, "is_deepspeed_enabled", False):
+                raise ConfigError("AsyncCheckpointCallback does not save DeepSpeed engines; use "
+                                  "the Trainer's own checkpoints with DeepSpeed")
+            self._trainer = trainer
+            if trainer in self._hooked:
+                return
+            ours = {"_load_from_checkpoint": lambda *a, **k: None,  # the weights come with the optimizer
+                    "_load_optimizer_and_scheduler": self._load_model_and_optimizer,
+                    "_load_scaler": lambda *a, **k: None,  # in the scheduler part
+                    "_load_rng_state": self._load_rng}
+            for name, hook in ours.items():
+                original = getattr(trainer, name, None)
+                if callable(original):
+                    setattr(trainer, name, self._hook(original, hook))
+            self._hooked.add(trainer)
+
+        def _hook(self, original: Any, ours: Any) -> Any:
+            def hooked(checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+                if self._resume_dir is not None and checkpoint == self._resume_dir:
+                    return ours(*args, **kwargs)
+                return original(checkpoint, *args, **kwargs)
+            hooked.__wrapped__ = original  # type: ignore[attr-defined]
+            return hooked
+
+        def _reset_resume(self) -> None:
+            if self._cleanup is not None:
+                self._cleanup()
+            self._resume_dir = self._cleanup = None
+            self._loaded = self._rng_loaded = self._check_rng = False
+
+        def _load_model_and_optimizer(self, *args: Any, **kwargs: Any) -> None:
+            """Where the Trainer loads its optimizer and scheduler (after accelerate's
+            prepare): the model, optimizer, scheduler and grad scaler, in one read (verified
+            by ``resume_from``)."""
+            assert self.manager is not None
+            self.manager.restore(self._train_state(), self.restored_step,
+                                 exclude=["extra", "rng"], verify=False)
+            self._loaded = True
+
+        def _load_rng(self, *args: Any, **kwargs: Any) -> None:
+            """Where the Trainer puts its RNGs back: at the start of the resumed epoch, or
+            after its first batch when it resumes mid-epoch."""
+            assert self.manager is not None
+            self.manager.restore(self._train_state(), self.restored_step, include=["rng"],
+                                 verify=False)
+            self._rng_loaded = True
+
+        def _train_state(self) -> _TrainerCheckpoint:
+            trainer = self._trainer
+            schedulers = {"scheduler": _unwrap(trainer.lr_scheduler, "scheduler")}
+            scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+            if scaler is not None:
+                schedulers["grad_scaler"] = scaler
+            return _TrainerCheckpoint(model=trainer.model, optimizer=_unwrap(trainer.optimizer, "optimizer"),
+                                      scheduler=schedulers)
+
+        # -- events ---------------------------------------------------------------------
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.manager is None or self._trainer is None:
+                raise ConfigError("AsyncCheckpointCallback: start training with "
+                                  "trainer.train(resume_from_checkpoint=cb.resume_from(trainer)), "
+                                  "which resumes the newest checkpoint under the root (if any) "
+                                  "where the Trainer resumes its own")
+            if self._resume_dir is not None and not self._loaded:
+                raise ConfigError(
+                    f"cb.resume_from(trainer) prepared step {self.restored_step}, but the Trainer "
+                    f"did not load it: pass its return value to trainer.train(resume_from_checkpoint=...)"
+                    f"; if you did, transformers {version} no longer calls "
+                    "Trainer._load_optimizer_and_scheduler(checkpoint) while resuming, and "
+                    "AsyncCheckpointCallback does not support it")
+            self._check_rng = self._loaded
+            self._pending, self._state = None, None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self._check_rng:
+                self._check_rng = False
+                if not self._rng_loaded and not args.ignore_data_skip:
+                    raise ConfigError(
+                        f"transformers {version} did not call Trainer._load_rng_state(checkpoint) "
+                        "before the first resumed step; AsyncCheckpointCallback restores the RNGs "
+                        "there, so this resume would not continue the run exactly")
+            self._flush(state, control)
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._flush(state, control)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # saved once the Trainer is done with this step: its logs, evaluation and best metric
+            self._pending = state.global_step
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            try:
+                self._flush(state, control, final=True)
+            finally:
+                manager, self.manager = self.manager, None
+                self._reset_resume()
+                if manager is not None:
+                    manager.close()
+
+        def _flush(self, state: Any, control: Any, *, final: bool = False) -> None:
+            """Offer the pending step to the schedule (a save when it says so, or at the end)."""
+            step, self._pending = self._pending, None
+            if step is None or self.manager is None:
+                return
+            history = state.log_history
+            if final and history and "train_runtime" in history[-1]:
+                history = history[:-1]  # the run's summary, logged after its last step
+            if self._state is None:
+                self._state = self._train_state()
+            self._state.make_extra = lambda: self._extra(state, control, history)
+            epoch = state.epoch
+            self.manager.maybe_save(
+                step, self._state, metrics=_step_metrics(history, step),
+                epoch=None if epoch is None else int(epoch),
+                epoch_end=bool(epoch) and float(epoch).is_integer(),
+                force=final and not self.manager.should_stop)
+            if self.manager.should_stop:  # a stop signal: saved, so stop
+                control.should_training_stop = True
+
+        def _extra(self, state: Any, control: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+            """The Trainer's state as its own ``trainer_state.json`` would hold it here."""
+            saved = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # no copies
+            saved["log_history"] = history
+            # other callbacks' states now (EarlyStopping's counter...), as the Trainer gathers them
+            callbacks = [*self._trainer.callback_handler.callbacks, control]
+            saved["stateful_callbacks"] = TrainerState(stateful_callbacks=[
+                cb for cb in callbacks if isinstance(cb, ExportableState)]).stateful_callbacks
+            return {_TRAINER_STATE: json.dumps(saved, indent=2, sort_keys=True) + "\n",
+                    "transformers_version": version}
 
     return AsyncCheckpointCallback
 
