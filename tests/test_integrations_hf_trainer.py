@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from asyncckpt import CheckpointManager, ConfigError, Retention, Schedule, TrainState
+from helpers_deps import need
 
-transformers = pytest.importorskip("transformers")
+transformers = need("transformers")
 from asyncckpt.integrations.hf import AsyncCheckpointCallback  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
