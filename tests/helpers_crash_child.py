@@ -33,15 +33,14 @@ import sys
 import threading
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 import asyncckpt.manager  # noqa: F401 - the forkserver imports it once for every trial
 import torch._dynamo  # noqa: F401 - DCP's state_dict imports it lazily: 1 s in every child otherwise
 import torch.distributed.checkpoint.state_dict  # noqa: F401
 from asyncckpt import CheckpointManager, Retention, TrainState
+from helpers.announcing_fs import announcing_fs
 from helpers.checkpoints import same_tensors
 
 PROTOCOL = "announce"
@@ -95,64 +94,7 @@ class _Events:
             cls.frozen.wait()  # never set: the parent SIGKILLs this process
 
 
-class _File:
-    """A local file open for writing whose writes and close are events."""
-
-    def __init__(self, f: Any, path: str) -> None:
-        self._f, self._path = f, path
-
-    def write(self, data: Any) -> int:
-        _Events.hit("write", self._path)
-        return self._f.write(data)
-
-    def close(self) -> None:
-        if not self._f.closed:
-            _Events.hit("close", self._path)
-        self._f.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-    def __enter__(self) -> "_File":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class AnnouncingFS(LocalFileSystem):
-    """Local files whose operations are events (see the module docstring)."""
-
-    protocol = (PROTOCOL, "file")
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        path = self._strip_protocol(path)
-        writing = any(c in mode for c in "wax+")
-        _Events.hit("open-w" if writing else "open-r", path)
-        f = super()._open(path, mode, **kwargs)
-        return _File(f, path) if writing else f
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        _Events.hit("mkdir", self._strip_protocol(path))
-        super().makedirs(path, exist_ok=exist_ok)
-
-    def ls(self, path: str, detail: bool = False, **kwargs: Any) -> Any:
-        _Events.hit("ls", self._strip_protocol(path))
-        return super().ls(path, detail=detail, **kwargs)
-
-    def rm_file(self, path: Any) -> None:
-        """One event per file and per folder (asyncckpt deletes file by file, then folders)."""
-        p = self._strip_protocol(path)
-        if os.path.isfile(p):
-            _Events.hit("rm", p)
-        super().rm_file(path)
-
-    def rmdir(self, path: Any) -> None:
-        _Events.hit("rm", self._strip_protocol(path))
-        super().rmdir(path)
-
-
-fsspec.register_implementation(PROTOCOL, AnnouncingFS, clobber=True)
+announcing_fs(PROTOCOL, _Events.hit)
 
 
 def _manager(spec: dict[str, Any], **extra: Any) -> CheckpointManager:

@@ -15,34 +15,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
+
+from helpers.announcing_fs import announcing_fs
 
 
 def _announce(path: str) -> None:
     print(f"rm {path}", flush=True)
     if not sys.stdin.readline():
         os._exit(3)  # the parent went away
-
-
-class AnnouncingFS(LocalFileSystem):
-    """Local files; each deletion is announced and waits for the parent's go-ahead."""
-
-    protocol = ("announce", "file")
-
-    def rm_file(self, path: Any) -> None:
-        p = self._strip_protocol(path)
-        if os.path.isfile(p):
-            _announce(p)
-        super().rm_file(path)
-
-    def rmdir(self, path: Any) -> None:
-        _announce(self._strip_protocol(path))
-        super().rmdir(path)
 
 
 def weights_at(step: int) -> nn.Module:
@@ -56,7 +39,7 @@ def weights_at(step: int) -> nn.Module:
 
 
 def main() -> None:
-    fsspec.register_implementation("announce", AnnouncingFS, clobber=True)
+    announcing_fs("announce", lambda kind, path: _announce(path) if kind == "rm" else None)
     from asyncckpt import CheckpointManager, Retention, TrainState
 
     root, step = sys.argv[1], int(sys.argv[2])
