@@ -10,8 +10,6 @@ before anything connects; so do unknown protocols.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 import zipfile
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.errors import StorageError
 from asyncckpt.storage import SUPPORTED_ROOTS, Storage
+from helpers.procs import asyncckpt
 
 
 def _zip(tmp_path: Path) -> str:
@@ -61,8 +60,7 @@ def test_a_root_that_cannot_hold_checkpoints_is_refused_at_construction(tmp_path
 @pytest.mark.parametrize("command", [["list"], ["verify"], ["inspect"], ["releases"]])
 def test_the_cli_refuses_a_read_only_root_with_exit_2_and_one_line(tmp_path, command):
     url = f"zip://ckpt::{_zip(tmp_path)}"
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", *command, url], capture_output=True,
-                         text=True, timeout=120, check=False)
+    out = asyncckpt(*command, url)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr

@@ -12,7 +12,6 @@ import logging
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.release import CARD_NAME
 from asyncckpt.storage import Storage, list_committed
 from helpers.checkpoints import committed_steps
+from helpers.procs import asyncckpt, spawn
 
 CHILD = textwrap.dedent('''
     import sys
@@ -66,8 +66,7 @@ CHILD = textwrap.dedent('''
 
 
 def _child(script: Path, root: Path, out: Path, mode: str, stop: int, kill_at: int = -1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), str(root), str(out), mode, str(stop), str(kill_at)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return spawn(script, root, out, mode, stop, kill_at, stdin=subprocess.PIPE)
 
 
 def _finish(proc: subprocess.Popen, what: str) -> str:
@@ -93,11 +92,6 @@ def _kill_at(proc: subprocess.Popen, line: str) -> list[str]:
             return seen
     proc.wait(timeout=60)
     pytest.fail(f"the child ended before {line!r}:\n" + "\n".join(seen))
-
-
-def _cli(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asyncckpt", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, check=False)
 
 
 def test_rollback_crash_and_resume_continues_the_new_branch_bit_exactly(tmp_path: Path) -> None:
@@ -132,19 +126,19 @@ def test_rollback_crash_and_resume_continues_the_new_branch_bit_exactly(tmp_path
     assert sorted(final) == [100, 200, 250, 300, 350, 400]
     assert final[400].branch == new[300].branch and final[400].parent == 300
 
-    plain = _cli("list", root)
+    plain = asyncckpt("list", root)
     assert plain.returncode == 0, plain.stderr
     rows = plain.stdout.splitlines()
     assert rows[0].split()[:5] == ["step", "epoch", "time", "size", "branch"]
     assert [r.split()[0] for r in rows[1:]] == ["100", "200", "250", "300", "350", "400"]
     assert new[300].branch in rows[-1] and "abandoned" not in plain.stdout
-    every = _cli("list", root, "--all")
+    every = asyncckpt("list", root, "--all")
     marked = [r for r in every.stdout.splitlines() if "abandoned" in r]
     assert [r.split()[0] for r in marked] == ["300", "400"] and all(old[400].branch in r for r in marked)
-    as_json = json.loads(_cli("list", root, "--all", "--json").stdout)
+    as_json = json.loads(asyncckpt("list", root, "--all", "--json").stdout)
     assert [(d["step"], d["branch"]) for d in as_json if d.get("abandoned")] == \
         [(300, old[400].branch), (400, old[400].branch)]
-    verify = _cli("verify", root)
+    verify = asyncckpt("verify", root)
     assert verify.returncode == 0 and "step 400: abandoned" in verify.stdout
 
 

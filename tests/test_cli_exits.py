@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from asyncckpt import CheckpointManager, TrainState, __version__
-from helpers_cli import DEADLINE_S, REPO, asyncckpt
+from helpers.procs import DEADLINE_S, asyncckpt, child_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -74,7 +74,7 @@ def test_a_closed_pipe_ends_quietly(root):
     try:
         r = subprocess.run([sys.executable, "-m", "asyncckpt", "list", str(root)], stdout=write_end,
                            stderr=subprocess.PIPE, text=True, timeout=DEADLINE_S,
-                           env={**os.environ, "PYTHONPATH": REPO})
+                           env=child_env())
     finally:
         os.close(write_end)
     assert r.returncode == 141 and r.stderr == ""  # as a command killed by SIGPIPE
@@ -83,7 +83,7 @@ def test_a_closed_pipe_ends_quietly(root):
 def test_head_sees_the_first_line(root):
     r = subprocess.run(f"{sys.executable} -m asyncckpt list {root} | head -1", shell=True,
                        capture_output=True, text=True, timeout=DEADLINE_S,
-                       env={**os.environ, "PYTHONPATH": REPO})
+                       env=child_env())
     assert r.returncode == 0 and r.stdout.split() == ["step", "epoch", "time", "size", "branch",
                                                       "tags", "metrics"] and r.stderr == ""
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from asyncckpt import CheckpointManager, TrainState
-from helpers_cli import asyncckpt
+from helpers.procs import asyncckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 STEPS = range(1, 7)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers.procs import asyncckpt
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -57,8 +59,7 @@ def test_readme_schedule_example_prints_what_the_readme_shows(tmp_path):
     command, *shown = console.splitlines()
     args = command.removeprefix("$ asyncckpt ").split()
     (tmp_path / "train.yaml").write_text(yaml_text)
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", *args], capture_output=True,
-                         text=True, cwd=tmp_path)
+    out = asyncckpt(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == shown
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from helpers_deps import need
+from helpers.procs import asyncckpt
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEADLINE_S = 180
@@ -64,8 +65,8 @@ def test_toy_example_resumed_run_ends_bit_exactly_where_an_uninterrupted_one_doe
     weights = []
     for root in (resumed, straight):
         out = tmp_path / f"{Path(root).name}.safetensors"
-        subprocess.run([sys.executable, "-m", "asyncckpt", "export", root, "--step", "9", str(out)],
-                       check=True, capture_output=True, timeout=DEADLINE_S)
+        r = asyncckpt("export", root, "--step", "9", out)
+        assert r.returncode == 0, r.stderr
         weights.append(load_file(out))
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for key, value in weights[0].items():

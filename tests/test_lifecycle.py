@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -19,6 +18,7 @@ from torch import nn
 
 from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.errors import SaveError
+from helpers.procs import python
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -103,10 +103,7 @@ def test_restore_then_exit_without_close_never_aborts(tmp_path, runs):
     script = tmp_path / "restore_and_exit.py"
     script.write_text(_RESTORE_AND_EXIT)
     root = str(tmp_path / "ckpt")  # before the fix, about half of the runs aborted
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(script), root, str(runs)], capture_output=True,
-                         text=True, timeout=60 + 10 * runs, env=env)
+    out = python(script, root, runs, timeout_s=60 + 10 * runs)
     assert out.returncode == 0, out.stderr
     codes = dict(line.split() for line in out.stdout.splitlines())
     stderr = {i: (tmp_path / f"ckpt.{i}.stderr").read_text() for i in codes}
@@ -317,11 +314,8 @@ def test_verify_after_result_never_races_retention(tmp_path):
 def test_a_save_still_pending_when_the_script_ends_is_committed_at_exit(tmp_path, compression) -> None:
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
     root = tmp_path / "ckpt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    out = subprocess.run([sys.executable, str(here / "helpers_exit_child.py"), str(root), compression],
-                         capture_output=True, text=True, timeout=120, env=env)
+    out = python(Path(__file__).with_name("helpers_exit_child.py"), root, compression)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "PENDING False" in out.stdout, out.stdout          # still being written when the script ended
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == \

@@ -9,8 +9,6 @@ quarantined one later like any old checkpoint.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from asyncckpt.quarantine import QUARANTINE_DIR, list_quarantined
 from asyncckpt.retention import Retention as PureRetention
 from asyncckpt.storage import Storage
 from helpers.checkpoints import flip_byte, shard_of, step_folder, step_folders
+from helpers.procs import asyncckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -53,11 +52,6 @@ def _run(root: Path, mgr_kw: dict, start: int, stop: int) -> int:
     return resumed
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "asyncckpt", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
-
-
 def test_run_resumed_past_a_damaged_newest_checkpoint_trains_through_it(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 400)
@@ -67,12 +61,12 @@ def test_run_resumed_past_a_damaged_newest_checkpoint_trains_through_it(tmp_path
     (aside,) = list_quarantined(Storage(root))
     assert aside.step == 400 and "checksum" in aside.reason and aside.name.startswith("step-0000000400.")
     assert (root / QUARANTINE_DIR / aside.name / MANIFEST_NAME).exists()  # kept for inspection
-    verify = _cli("verify", str(root))
+    verify = asyncckpt("verify", str(root))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "step 400: ok" in verify.stdout and "step 400: quarantined" in verify.stdout
-    listed = _cli("list", "--all", str(root))
+    listed = asyncckpt("list", "--all", str(root))
     assert listed.returncode == 0 and "quarantined" in listed.stdout
-    assert "quarantined" not in _cli("list", str(root)).stdout
+    assert "quarantined" not in asyncckpt("list", str(root)).stdout
     assert _run(root, {}, 500, 500) == 500
 
 
@@ -96,28 +90,28 @@ def test_prune_never_keeps_a_damaged_newest_in_place_of_a_whole_one(tmp_path: Pa
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 400)
     flip_byte(shard_of(step_folder(root, 400)), 20)
-    dry = _cli("prune", str(root), "--keep-last", "1", "--dry-run", "--json")
+    dry = asyncckpt("prune", str(root), "--keep-last", "1", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["quarantined"] == [400] and "would be quarantined" in dry.stderr
     assert step_folders(root, with_manifest=True) == [100, 200, 300, 400]
     assert not (root / QUARANTINE_DIR).exists()
-    done = _cli("prune", str(root), "--keep-last", "1", "--json")
+    done = asyncckpt("prune", str(root), "--keep-last", "1", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["kept"] == [200, 300] and out["deleted"] == [100] and out["quarantined"] == [400]
     assert step_folders(root, with_manifest=True) == [200, 300]
     assert [q.step for q in list_quarantined(Storage(root))] == [400]
-    assert _cli("verify", str(root)).returncode == 0
+    assert asyncckpt("verify", str(root)).returncode == 0
 
 
 def test_prune_checks_checksums_unless_told_sizes_only(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     _run(root, {}, 0, 300)
     flip_byte(shard_of(step_folder(root, 300)), 20)  # same size: only a checksum finds it
-    sizes_only = json.loads(_cli("prune", str(root), "--keep-last", "1", "--no-verify", "--dry-run",
+    sizes_only = json.loads(asyncckpt("prune", str(root), "--keep-last", "1", "--no-verify", "--dry-run",
                                  "--json").stdout)
     assert sizes_only["quarantined"] == [] and sizes_only["deleted"] == [100]
-    deep = json.loads(_cli("prune", str(root), "--keep-last", "1", "--dry-run", "--json").stdout)
+    deep = json.loads(asyncckpt("prune", str(root), "--keep-last", "1", "--dry-run", "--json").stdout)
     assert deep["quarantined"] == [300] and deep["deleted"] == []
 
 

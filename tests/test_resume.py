@@ -12,11 +12,12 @@ and the save falls in the middle of an epoch.
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from helpers.procs import spawn
 
 TRAIN = textwrap.dedent('''
     import random
@@ -82,8 +83,7 @@ TRAIN = textwrap.dedent('''
 
 
 def _run(script, *args: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return spawn(script, *args)
 
 
 def _finish(proc: subprocess.Popen, what: str) -> None:

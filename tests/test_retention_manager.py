@@ -4,10 +4,8 @@ warnings, crash-safe pruning (a real child process killed in the middle), garbag
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +23,7 @@ from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import MARKER_NAME, Storage, delete_checkpoint, list_committed, verify_files
 from helpers_prune_child import weights_at
 from helpers.checkpoints import assert_same_tensors, committed_steps, step_folders
+from helpers.procs import asyncckpt, spawn
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -336,8 +335,7 @@ def test_cli_list_marks_the_best_as_recorded(tmp_path, args, tagged):
     import json
 
     root = _ranked_root(tmp_path, Retention(keep_best=1, best_metric="acc", best_mode="max"))
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", "list", str(root), "--json", *args],
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = asyncckpt("list", root, "--json", *args)
     assert out.returncode == 0, out.stderr
     marked = {row["step"]: t for row in json.loads(out.stdout) for t in row["tags"] if t.startswith("best:")}
     assert marked == tagged
@@ -406,16 +404,13 @@ def test_kill_in_the_middle_of_pruning_leaves_only_restorable_checkpoints(tmp_pa
     with CheckpointManager(base) as mgr:
         for step in range(1, 6):
             mgr.save(step, TrainState(model=weights_at(step)), blocking=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     roots, procs = [], []
     for k in KILL_AT:
         root = tmp_path / f"kill{k}"
         shutil.copytree(base, root)
         roots.append(root)
         with open(tmp_path / f"kill{k}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, str(CHILD), str(root), "6"],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=err, text=True, env=env))
+            procs.append(spawn(CHILD, root, "6", stdin=subprocess.PIPE, stderr=err))
     watchdog = threading.Timer(120, lambda: [p.kill() for p in procs])  # hard deadline
     watchdog.start()
     try:

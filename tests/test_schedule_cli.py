@@ -11,6 +11,7 @@ import yaml
 
 from asyncckpt.cli import main
 from asyncckpt.schedule import plan_checkpoints
+from helpers.procs import asyncckpt
 
 CONFIG = """\
 # a run of 10 epochs
@@ -96,13 +97,11 @@ def test_schedule_errors(args: list[str], quoted: str, config: Path, tmp_path: P
 
 
 def test_schedule_as_a_subprocess(config: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(config), "--targets", "large:25"],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = asyncckpt("schedule", str(config), "--targets", "large:25")
     assert out.returncode == 0, out.stderr
     assert "plan: 25 checkpoints" in out.stdout
     assert _schedule(config) == plan_checkpoints(10_000, 1000, dataset_tokens=30_000_000, targets={"large": 25})
-    bad = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(config), "--targets", "x"],
-                         capture_output=True, text=True, timeout=60, check=False)
+    bad = asyncckpt("schedule", str(config), "--targets", "x")
     assert bad.returncode == 2 and "targets='x' is not valid" in bad.stderr
 
 
@@ -142,8 +141,7 @@ def test_a_bad_config_exits_2_with_one_line_naming_file_and_key(tmp_path: Path, 
     data, says = BAD_CONFIGS[case]
     path = tmp_path / "train.yaml"
     path.write_bytes(data)
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(path)],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = asyncckpt("schedule", str(path))
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert out.stderr.startswith(f"asyncckpt schedule: error: {path}") and says in out.stderr
@@ -151,8 +149,7 @@ def test_a_bad_config_exits_2_with_one_line_naming_file_and_key(tmp_path: Path, 
 
 
 def test_a_config_that_is_a_folder_exits_2(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = asyncckpt("schedule", str(tmp_path))
     assert out.returncode == 2 and out.stderr.strip() == \
         f"asyncckpt schedule: error: config file {str(tmp_path)!r} cannot be read: Is a directory"
 
@@ -167,8 +164,7 @@ def test_schedule_prints_the_category_and_target_a_mapping_gave(tmp_path: Path, 
     path.write_text("training:\n  total_steps: 10000\n  steps_per_epoch: 10000\n"
                     f"  dataset_tokens: {tokens}\n  min_checkpoint_interval: 10\n"
                     "  log_steps_first_epoch: false\n  target_checkpoints: {small: 6, medium: 8, large: 10, xlarge: 12}\n")
-    out = subprocess.run([sys.executable, "-m", "asyncckpt", "schedule", str(path)],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = asyncckpt("schedule", str(path))
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     lines = out.stdout.splitlines()

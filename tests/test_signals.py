@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from asyncckpt import CheckpointManager, Schedule, TrainState
 from asyncckpt.signals import StopSignals, signal_name
+from helpers.procs import spawn
 
 CHILD = Path(__file__).with_name("helpers_signal_child.py")
 DEADLINE_S = 120.0
@@ -152,8 +152,7 @@ class Child:
     def __init__(self, tmp_path: Path, *args: str, name: str = "child") -> None:
         self.stderr_path = tmp_path / f"{name}.stderr"
         with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(CHILD), *args], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+            self.proc = spawn(CHILD, *args, stdin=subprocess.PIPE, stderr=err, bufsize=1)
         self.timer = threading.Timer(DEADLINE_S, self.proc.kill)
         self.timer.start()
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from torch import nn
 from asyncckpt import CheckpointManager, TrainState, cli
 from asyncckpt.manifest import MANIFEST_NAME
 from helpers.checkpoints import flip_byte
+from helpers.procs import asyncckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -129,7 +128,6 @@ def test_command_line_exit_status(root: Path) -> None:
     """The real ``python -m asyncckpt`` process: exit 1 and the file named on stdout."""
     shard = [f for f in _files(root, 3) if f.endswith(".distcp")][-1]
     flip_byte(root / "step-0000000003" / shard, 10, 0x40)
-    proc = subprocess.run([sys.executable, "-m", "asyncckpt", "verify", str(root)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = asyncckpt("verify", root)
     assert proc.returncode == 1, proc.stderr
     assert f"step-0000000003/{shard}" in proc.stdout and "step 1: ok" in proc.stdout
