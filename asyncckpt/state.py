@@ -17,7 +17,14 @@ Layout of the state dict handed to DCP::
     scheduler         blob: {name: scheduler.state_dict()}
     extra             blob: the user's plain values
     rank_<r>/rng      blob: python, numpy, torch CPU and CUDA generator states
-    rank_<r>/dataloader  blob: {name: loader.state_dict()}
+    rank_<r>/dataloader  blob: {name: loader.state_dict()}, and under "sampler.epoch" the
+                         epoch of a stateful loader's DistributedSampler
+
+A plain ``torch.utils.data.DataLoader`` (no ``state_dict``) is wrapped in a
+``loader_position.LoaderPosition``, which counts the batches taken from it and saves what
+the epoch's order was drawn from, so that the resumed loader skips those batches (by
+index, loading none) and shuffles on as an uninterrupted run; a loader whose order cannot
+be reproduced so is refused with ``ConfigError`` naming torchdata's ``StatefulDataLoader``.
 
 Per-rank objects live under ``rank_<r>`` so DCP's de-duplication of identical
 keys across ranks never drops one rank's RNG or loader position.
@@ -57,11 +64,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import ConfigError, CorruptCheckpointError, StateMismatchError
+from .loader_position import LoaderPosition, sampler_epochs, set_sampler_epochs
 from .values import plain
 
 log = logging.getLogger(__name__)
 
 PARTS = ("model", "optimizer", "scheduler", "dataloader", "rng", "extra")
+SAMPLER_EPOCHS = "sampler.epoch"
+"""Key of the dataloader blob holding the sampler epochs of stateful loaders ({name: {path: epoch}})."""
 
 
 def _as_dict(obj: Any, default_name: str) -> dict[str, Any]:
@@ -70,6 +80,10 @@ def _as_dict(obj: Any, default_name: str) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         return dict(obj)
     return {default_name: obj}
+
+
+def _has_state(obj: Any) -> bool:
+    return all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict"))
 
 
 def _require(obj: Any, where: str, methods: tuple[str, ...] = ("state_dict", "load_state_dict")) -> None:
@@ -164,8 +178,10 @@ class TrainState:
     """The parts of a training run a checkpoint saves and restores.
 
     ``model`` and ``optimizer`` may be single objects or dicts of several.
-    ``scheduler`` and ``dataloader`` (e.g. torchdata's StatefulDataLoader) may
-    be anything with ``state_dict``/``load_state_dict``, or dicts of them.
+    ``scheduler`` may be anything with ``state_dict``/``load_state_dict``, or a dict of
+    them; so may ``dataloader`` (torchdata's ``StatefulDataLoader``), or a plain
+    ``torch.utils.data.DataLoader``, whose position ``loader_position.LoaderPosition``
+    keeps (make the ``TrainState`` before iterating it).
     ``extra`` is a dict of plain values restored in place (the type rule every saved
     value follows, and what is converted or refused, is in ``values.py``).  ``rng`` saves and
     restores python, numpy, torch CPU and every CUDA generator.
@@ -197,9 +213,16 @@ class TrainState:
             _require(o, f"optimizer {name!r}")
             if not self.models:
                 raise ConfigError(f"TrainState optimizer {name!r} needs its model: pass model=")
-        for kind, objs in (("scheduler", self.schedulers), ("dataloader", self.dataloaders)):
-            for name, obj in objs.items():
-                _require(obj, f"{kind} {name!r}")
+        for name, obj in self.schedulers.items():
+            _require(obj, f"scheduler {name!r}")
+        self._plain_loaders: list[Any] = []
+        for name, obj in self.dataloaders.items():
+            if isinstance(obj, torch.utils.data.DataLoader) and not _has_state(obj):
+                # a plain DataLoader: its position is counted and restored (loader_position.py)
+                self.dataloaders[name] = LoaderPosition.of(obj, f"TrainState dataloader {name!r}")
+                self._plain_loaders.append(obj)  # kept alive with the state, as any loader is
+            else:
+                _require(obj, f"dataloader {name!r}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"TrainState extra is a {type(self.extra).__name__}; expected a dict")
 
@@ -266,9 +289,13 @@ class TrainState:
         if "rng" in parts and self.rng:
             out[f"rank_{rank}/rng"] = to_blob(capture_rng())
         if "dataloader" in parts and self.dataloaders:
-            out[f"rank_{rank}/dataloader"] = to_blob(
-                {k: plain(d.state_dict(), f"dataloader {k!r} state_dict()")
-                 for k, d in self.dataloaders.items()})
+            blob: dict[str, Any] = {k: plain(d.state_dict(), f"dataloader {k!r} state_dict()")
+                                    for k, d in self.dataloaders.items()}
+            epochs = {k: e for k, d in self.dataloaders.items()
+                      if not isinstance(d, LoaderPosition) and (e := sampler_epochs(d))}
+            if epochs:  # never a loader's name: those have no '.'
+                blob[SAMPLER_EPOCHS] = epochs
+            out[f"rank_{rank}/dataloader"] = to_blob(blob)
         return out
 
     def collect(self, rank: int) -> dict[str, Any]:
@@ -366,9 +393,20 @@ class TrainState:
                 self._load_each("scheduler", self.schedulers, _mapping(loaded[key], key))
             key = f"rank_{rank}/dataloader"
             if key in loaded:
+                saved_dl = _mapping(loaded[key], key)
                 before_dl = {n: copy.deepcopy(o.state_dict()) for n, o in self.dataloaders.items()}
                 undo.append(lambda: self._put_back(self.dataloaders, before_dl, rebuild=True))
-                self._load_each("dataloader", self.dataloaders, _mapping(loaded[key], key))
+                # A stateful loader's resumed iterator is built below, with its sampler's epoch
+                # as it is then (a DistributedSampler's order): put back the saved one first.
+                epochs = _mapping(saved_dl.get(SAMPLER_EPOCHS, {}), key)
+                epochs_before = {n: sampler_epochs(self.dataloaders[n]) for n in epochs
+                                 if n in self.dataloaders}
+                undo.append(lambda: [set_sampler_epochs(self.dataloaders[n], e)
+                                     for n, e in epochs_before.items()])
+                for name in epochs_before:
+                    set_sampler_epochs(self.dataloaders[name], _mapping(epochs[name], key))
+                self._load_each("dataloader", self.dataloaders,
+                                {k: v for k, v in saved_dl.items() if k != SAMPLER_EPOCHS})
                 for loader in self.dataloaders.values():
                     # A StatefulDataLoader builds its resumed iterator here (the next iter() returns
                     # it).  Building one draws a seed from the global torch RNG, so it must happen

@@ -4,17 +4,23 @@ Accelerate: build the ``TrainState`` from what ``accelerator.prepare`` returned,
 ``CheckpointManager`` as in any loop (create it after the ``Accelerator``, which sets up
 the process group)::
 
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True))
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     state = accelerate_state(accelerator, model=model, optimizer=opt, scheduler=sched,
                              dataloader=loader)
     mgr = CheckpointManager("runs/exp1/ckpt", schedule=Schedule(every_n_steps=500))
-    start = mgr.restore(state)
+    step = mgr.restore(state)        # then iterate `loader` as usual: no skip_first_batches
 
 ``accelerate_state`` unwraps Accelerate's optimizer and scheduler wrappers, keeps the
 prepared model (DDP/FSDP wrappers are handled by DCP's state-dict API), adds the
-accelerator's ``GradScaler`` when mixed precision has one, and includes the dataloader only
-when it can report its position (``use_stateful_dataloader=True``).
+accelerator's ``GradScaler`` when mixed precision has one, and saves each prepared loader's
+epoch counter (``iteration``, what ``set_epoch`` gives the sampler) with its base loader's
+position: a ``StatefulDataLoader``'s own state (``use_stateful_dataloader=True``), or, for a
+plain ``DataLoader``, what ``LoaderPosition`` keeps (loader_position.py: the batches taken,
+less the one the ``DataLoaderShard`` takes ahead, and what the epoch's order was drawn
+from).  The resumed loader goes on with the next batch of the interrupted epoch, skipped
+by index.  A loader whose order cannot be reproduced raises ``ConfigError``; one
+dispatched from the main process (``dispatch_batches``) over a plain loader is left out,
+with a warning.
 
 transformers: ``AsyncCheckpointCallback(root, **manager_options)`` in
 ``Trainer(callbacks=[cb], args=TrainingArguments(..., save_strategy="no"))``, and every run
@@ -44,6 +50,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from ..loader_position import LoaderPosition
 from ..manager import CheckpointManager
 from ..state import TrainState
 
@@ -56,29 +65,54 @@ def _unwrap(obj: Any, attr: str) -> Any:
 
 
 class _PreparedLoader:
-    """An Accelerate ``DataLoaderShard`` as a stateful object: its position (what it has
-    yielded, prefetch accounted for) and its epoch counter, which ``set_epoch`` feeds the
-    sampler's shuffle."""
+    """An Accelerate ``DataLoaderShard`` as a stateful object: its epoch counter
+    (``iteration``, which ``set_epoch`` feeds the sampler's shuffle) and its base loader's
+    position: a ``StatefulDataLoader``'s own state (``use_stateful_dataloader=True``), or a
+    plain ``DataLoader``'s as ``LoaderPosition`` counts it, less the one batch the shard
+    takes ahead of what it has yielded."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, position: LoaderPosition | None = None) -> None:
         self.loader = loader
+        self.position = position
+
+    def _iterating(self) -> bool:
+        refs = getattr(getattr(self.loader, "gradient_state", None), "dataloader_references", [])
+        return any(r is self.loader for r in refs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "iteration": int(getattr(self.loader, "iteration", 0))}
+        iterating = self._iterating()
+        last_taken = iterating and bool(getattr(self.loader, "end_of_dataloader", False))
+        # after the epoch's last batch the shard has not yet counted the epoch: the resumed
+        # run starts the next one, as the uninterrupted run will
+        iteration = int(getattr(self.loader, "iteration", 0)) + int(last_taken)
+        if self.position is None:
+            return {"loader": self.loader.state_dict(), "iteration": iteration}
+        pos = self.position.state_dict()
+        if iterating and not last_taken and pos["resume"] and pos["batches"] > 0:
+            pos = {**pos, "batches": pos["batches"] - 1}  # taken ahead, not yet yielded
+        return {"position": pos, "iteration": iteration}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # the sampler's epoch first: a StatefulDataLoader builds its resumed order below
+        self.loader.set_epoch(state["iteration"])
+        if self.position is not None:
+            self.position.load_state_dict(state["position"])
+            return
         self.loader.load_state_dict(state["loader"])
-        self.loader.iteration = state["iteration"]
         # build the resumed iterator now, before the RNGs are restored (see TrainState.apply)
         self.loader.base_dataloader.state_dict()
 
 
-def _stateful(loader: Any) -> Any:
+def _stateful(loader: Any, name: str) -> Any:
     """The loader to checkpoint, or None when it cannot report its position."""
     base = getattr(loader, "base_dataloader", None)
-    if base is not None:  # prepared by Accelerate
-        return _PreparedLoader(loader) if callable(getattr(base, "state_dict", None)) else None
-    return loader if callable(getattr(loader, "state_dict", None)) else None
+    if base is None:  # not prepared: TrainState takes it as it is (a plain DataLoader too)
+        return loader
+    if callable(getattr(base, "state_dict", None)):
+        return _PreparedLoader(loader)
+    if type(loader).__name__ == "DataLoaderShard" and isinstance(base, torch.utils.data.DataLoader):
+        return _PreparedLoader(loader, LoaderPosition.of(base, f"accelerate_state dataloader {name!r}"))
+    return None
 
 
 def accelerate_state(accelerator: Any, *, model: Any = None, optimizer: Any = None,
@@ -98,12 +132,15 @@ def accelerate_state(accelerator: Any, *, model: Any = None, optimizer: Any = No
         schedulers = {**schedulers, "grad_scaler": scaler}
     loaders = dataloader if isinstance(dataloader, Mapping) else \
         ({} if dataloader is None else {"dataloader": dataloader})
-    loaders = {k: _stateful(d) for k, d in loaders.items()}
+    loaders = {k: _stateful(d, k) for k, d in loaders.items()}
     stateless = [k for k, d in loaders.items() if d is None]
     if stateless:
-        log.warning("dataloader(s) %s cannot report their position and are not checkpointed: "
-                    "prepare them with DataLoaderConfiguration(use_stateful_dataloader=True), or "
-                    "skip ahead with accelerator.skip_first_batches", stateless)
+        log.warning("dataloader(s) %s (%s over a plain DataLoader) cannot report their position "
+                    "and are not checkpointed: prepare them with "
+                    "DataLoaderConfiguration(use_stateful_dataloader=True), or skip ahead with "
+                    "accelerator.skip_first_batches", stateless,
+                    ", ".join(sorted({type(dataloader[k] if isinstance(dataloader, Mapping)
+                                           else dataloader).__name__ for k in stateless})))
     return TrainState(model=model, optimizer=each(optimizer, "optimizer"),
                       scheduler=schedulers or None,
                       dataloader={k: d for k, d in loaders.items() if k not in stateless} or None,
