@@ -27,7 +27,12 @@ from torch.distributed.checkpoint.planner_helpers import _create_read_items
 
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DTensor", "MIN_TORCH", "empty_host_cache", "flatten_state_dict", "global_plan_problems", "set_element",
+# The DataLoader's iterators, which loader_position subclasses to count what was yielded
+# (``_num_yielded``) and to replay an epoch's order (``_reset``, ``_next_index``): private,
+# the same in 2.11-2.13.
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter, _SingleProcessDataLoaderIter
+
+__all__ = ["DTensor", "_MultiProcessingDataLoaderIter", "_SingleProcessDataLoaderIter", "MIN_TORCH", "empty_host_cache", "flatten_state_dict", "global_plan_problems", "set_element",
            "_StorageInfo", "_StoragePrefix", "_create_read_items", "torch_release"]
 
 MIN_TORCH = (2, 11)

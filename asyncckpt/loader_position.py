@@ -41,7 +41,7 @@ workers that never loaded the skipped batches, so randomness drawn inside the wo
 ``persistent_workers=True`` the workers' RNGs run on across epochs and are not restored
 (the order is).
 
-Built on torch's private iterator classes (``_SingleProcessDataLoaderIter``,
+Built on torch's private iterator classes (from ``_torch_compat``: ``_SingleProcessDataLoaderIter``,
 ``_MultiProcessingDataLoaderIter``: ``_next_index``, ``_reset``, ``_num_yielded``), the
 same in torch 2.11 to 2.13.
 """
@@ -57,9 +57,9 @@ from typing import Any
 import torch
 from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler,
                               SequentialSampler, SubsetRandomSampler, WeightedRandomSampler)
-from torch.utils.data import dataloader as _torch_dataloader
 from torch.utils.data.distributed import DistributedSampler
 
+from ._torch_compat import _MultiProcessingDataLoaderIter, _SingleProcessDataLoaderIter
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -377,17 +377,17 @@ class _Tracked:
         return next(self._sampler_iter)  # type: ignore[attr-defined]
 
 
-class _Single(_Tracked, _torch_dataloader._SingleProcessDataLoaderIter):
+class _Single(_Tracked, _SingleProcessDataLoaderIter):
     pass
 
 
-class _Multi(_Tracked, _torch_dataloader._MultiProcessingDataLoaderIter):
+class _Multi(_Tracked, _MultiProcessingDataLoaderIter):
     pass
 
 
 # torch names its profiler ranges after the iterator's class: keep them as they were.
-for _cls, _base in ((_Single, _torch_dataloader._SingleProcessDataLoaderIter),
-                    (_Multi, _torch_dataloader._MultiProcessingDataLoaderIter)):
+for _cls, _base in ((_Single, _SingleProcessDataLoaderIter),
+                    (_Multi, _MultiProcessingDataLoaderIter)):
     _cls.__name__ = _cls.__qualname__ = _base.__name__
 
 

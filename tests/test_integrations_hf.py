@@ -12,6 +12,7 @@ from torch import nn
 
 from asyncckpt import CheckpointManager, Schedule
 from asyncckpt.integrations.hf import accelerate_state
+from helpers_deps import need
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -45,7 +46,7 @@ def _accelerate_loop(root, kind: str, via: str, stop_at: int | None = None) -> d
     ``skip_first_batches`` for the rest of the interrupted epoch (not with a stateful loader,
     which restores its position itself), ``set_epoch`` at every epoch.  Returns the step it
     started from, each step's loss and sample indices, and (run to the end) the weights."""
-    accelerate = pytest.importorskip("accelerate")
+    accelerate = need("accelerate")
     from accelerate.utils import DataLoaderConfiguration
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -68,7 +69,7 @@ def _accelerate_loop(root, kind: str, via: str, stop_at: int | None = None) -> d
         step = mgr.restore(state)
 
         def save(step: int) -> None:
-            mgr.save(step, state).result()
+            mgr.save(step, state).result(timeout=120)
     else:
         step = 0
         if (root / "state").exists():
@@ -160,7 +161,7 @@ def test_accelerates_own_resume_for_comparison(tmp_path):
 
 
 def test_accelerate_state_unwraps_and_tracks_a_plain_loader():
-    accelerate = pytest.importorskip("accelerate")
+    accelerate = need("accelerate")
     from asyncckpt.integrations.hf import _PreparedLoader
     from asyncckpt.loader_position import LoaderPosition
 
@@ -180,7 +181,7 @@ def test_accelerate_state_unwraps_and_tracks_a_plain_loader():
 
 
 def test_accelerate_state_refuses_an_unreproducible_loader_and_warns_about_a_dispatched_one(caplog):
-    accelerate = pytest.importorskip("accelerate")
+    accelerate = need("accelerate")
     from accelerate.utils import DataLoaderConfiguration
 
     from asyncckpt import ConfigError

@@ -25,7 +25,7 @@ LAYER = {
 ALLOWED_SAME_LAYER = {("config", "retention"), ("config", "schedule"), ("dcp_io", "storage"),
                       ("planner", "_torch_compat"), ("staging", "_torch_compat"),
                       ("safe_metadata", "codec"),
-                      ("state", "values"), ("state", "loader_position"),
+                      ("state", "values"), ("state", "loader_position"), ("loader_position", "_torch_compat"),
                       ("values", "_torch_compat"),
                       ("lease", "storage"), ("quarantine", "storage"),
                       ("branches", "storage"), ("branches", "quarantine"),

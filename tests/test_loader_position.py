@@ -110,7 +110,7 @@ def _run(root, case: str, cls=DataLoader, stop: int | None = None):
                 seen.append((idx.tolist(), val.tolist()))
                 step += 1
                 if step == stop:
-                    mgr.save(step, state).result()
+                    mgr.save(step, state).result(timeout=120)
                     return seen, loader, ds
                 if step == total:
                     break
@@ -188,7 +188,7 @@ def test_resume_before_the_first_batch_of_an_iterator(tmp_path):
             if mgr.restore(state) == 0:
                 it = iter(loader)
                 if stop_at_iter:
-                    mgr.save(1, state).result()
+                    mgr.save(1, state).result(timeout=120)
                     return None
             else:
                 it = iter(loader)
@@ -213,7 +213,7 @@ def test_distributed_sampler_epoch_set_differently_is_named(tmp_path, caplog):
     it = iter(loader)
     next(it)
     with CheckpointManager(tmp_path / "d") as mgr:
-        mgr.save(1, state).result()
+        mgr.save(1, state).result(timeout=120)
         expected = [b[0].tolist() for b in it]
         fresh = make()
         mgr.restore(TrainState(dataloader=fresh))
@@ -280,7 +280,7 @@ def test_after_an_epochs_last_batch_the_first_iteration_is_the_next_epoch(tmp_pa
         it = iter(loader)
         for _ in range(len(loader)):
             next(it)                                     # the last batch taken, no StopIteration
-        mgr.save(1, state).result()
+        mgr.save(1, state).result(timeout=120)
         epochs.append([b[0].tolist() for b in loader])   # the uninterrupted run's next epoch
         torch.manual_seed(0)
         fresh = DataLoader(Rows(), batch_size=BATCH, shuffle=True)
@@ -331,7 +331,7 @@ def test_a_failed_restore_puts_the_position_back(tmp_path):
     it = iter(loader)
     next(it)
     with CheckpointManager(tmp_path / "f") as mgr:
-        mgr.save(1, state).result()
+        mgr.save(1, state).result(timeout=120)
         fresh = DataLoader(Rows(), batch_size=BATCH, shuffle=True, generator=_gen())
         target = TrainState(dataloader=fresh, extra={"a": 1})
         before = fresh.generator.get_state()
@@ -358,7 +358,7 @@ def test_restore_into_a_loader_whose_persistent_workers_run(tmp_path, stop):
         it = iter(loader)
         for _ in range(stop):
             next(it)
-        mgr.save(1, state).result()
+        mgr.save(1, state).result(timeout=120)
         expected = [b[0].tolist() for b in it] + [b[0].tolist() for b in loader]
         [b for b in loader]                         # train on, then roll back
         mgr.restore(state, which=1)
