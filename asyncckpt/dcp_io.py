@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from . import codec as _codec
+from ._threads import can_start_threads
 from ._torch_compat import _StorageInfo, _StoragePrefix, _create_read_items
 from .errors import AsyncCkptError, CorruptCheckpointError, UnsafeCheckpointError
 from .safe_metadata import CODEC_NAME, load_metadata
@@ -157,7 +158,7 @@ class CheckpointWriter(StorageWriter):
         buckets = _split(list(plan.items), self.thread_count)
         names = [f"{prefix}{i}{SHARD_SUFFIX}" for i in range(len(buckets))]
         results: list[WriteResult] = []
-        if len(buckets) <= 1:
+        if len(buckets) <= 1 or not can_start_threads():  # at interpreter exit: on this thread
             for name, bucket in zip(names, buckets):
                 results += self._write_file(name, bucket, planner)
         else:

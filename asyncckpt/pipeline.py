@@ -26,6 +26,7 @@ from typing import Any
 
 import torch.distributed.checkpoint as dcp
 
+from ._threads import can_start_threads
 from . import _dist
 from .codec import CodecOptions
 from .dcp_io import CheckpointWriter, unwrap_failures
@@ -323,8 +324,9 @@ class Pipeline:
         step = job.handle.step
         folder = self.storage.child(step_dir_name(step))
         self._agree(step, lambda: self._prepare(job, folder))
+        pool = self._codec_pool if can_start_threads() else None  # none at interpreter exit
         writer = CheckpointWriter(folder, codec=self.codec, thread_count=self.writer_threads,
-                                  executor=self._codec_pool)
+                                  executor=pool)
         planner = PlannedSavePlanner(job.plan) if job.plan is not None else SavePlanner()
         try:
             dcp.save(job.staged.state_dict, storage_writer=writer, planner=planner,

@@ -189,6 +189,18 @@ def options(endpoint: str, **extra: Any) -> dict[str, Any]:
     return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}, **extra}
 
 
+def keys(bucket: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every object key under ``prefix`` of a test bucket (``s3_bucket``'s dict), sorted."""
+    pages = bucket["client"].get_paginator("list_objects_v2").paginate(Bucket=bucket["name"], Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def unfinished_uploads(bucket: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys of multipart uploads begun and neither completed nor aborted, sorted."""
+    out = bucket["client"].list_multipart_uploads(Bucket=bucket["name"], Prefix=prefix)
+    return sorted(u["Key"] for u in out.get("Uploads", []))
+
+
 NO_CLIENT_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"},
                                        "connect_timeout": 2, "read_timeout": 20}}
 """Extra storage_options: botocore does not retry, so asyncckpt's own ``Retry`` is what is tested."""

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from helpers_deps import need
+from helpers_s3 import keys
 from helpers.procs import asyncckpt
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -89,9 +90,7 @@ def test_s3_backup_example_mirrors_to_s3(tmp_path, s3_bucket):  # runs the examp
     text = _run(tmp_path, "train_s3_backup.py", "--root", str(tmp_path / "local"), "--steps", "6",
                 *_s3_args(s3_bucket))
     assert "done at step 6" in text and "backup: [3, 6]" in text
-    keys = [o["Key"] for o in s3_bucket["client"].list_objects_v2(
-        Bucket=s3_bucket["name"], Prefix="toy-backup/")["Contents"]]
-    assert "toy-backup/step-0000000006/manifest.json" in keys
+    assert "toy-backup/step-0000000006/manifest.json" in keys(s3_bucket, "toy-backup/")
 
 
 @pytest.mark.s3

@@ -12,7 +12,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "asyncckpt"
 
 LAYER = {
-    "errors": 0,
+    "errors": 0, "_threads": 0,
     "retention": 1, "schedule": 1, "manifest": 1, "config": 1,
     "_torch_compat": 2, "codec": 2, "state": 2, "staging": 2, "bounce": 2, "planner": 2, "_dist": 2, "signals": 2,
     "multipart": 2, "safe_metadata": 2, "values": 2, "loader_position": 2,

@@ -23,6 +23,7 @@ from asyncckpt.mirror import Mirror, with_backup
 from asyncckpt.quarantine import list_quarantined
 from asyncckpt.storage import MARKER_NAME, Storage
 from helpers.checkpoints import committed_steps, same_tensors
+from helpers_s3 import keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -275,8 +276,7 @@ def test_local_primary_with_an_s3_backup(tmp_path, s3_bucket) -> None:
     backup, options = f"s3://{s3_bucket['name']}/backup", s3_bucket["options"]
     params = _saved(tmp_path, backup, options)
     assert committed_steps(backup, options) == [1, 2, 3]
-    keys = s3_bucket["client"].list_objects_v2(Bucket=s3_bucket["name"])["Contents"]
-    assert {k["Key"].split("/")[1] for k in keys} == {f"step-{s:010d}" for s in (1, 2, 3)}
+    assert {k.split("/")[1] for k in keys(s3_bucket)} == {f"step-{s:010d}" for s in (1, 2, 3)}
     shutil.rmtree(tmp_path / "p")
     step, model = _restore(tmp_path, backup, options)
     assert step == 3 and same_tensors(model, params[3])

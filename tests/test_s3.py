@@ -34,16 +34,6 @@ from asyncckpt.storage import Retry, Storage, _discard, list_committed, uncommit
 pytestmark = [pytest.mark.s3, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 MiB = 1 << 20
 
-def _keys(bucket: dict, prefix: str = "") -> list[str]:
-    out = bucket["client"].list_objects_v2(Bucket=bucket["name"], Prefix=prefix)
-    return sorted(o["Key"] for o in out.get("Contents", []))
-
-
-def _unfinished(bucket: dict) -> list[str]:
-    out = bucket["client"].list_multipart_uploads(Bucket=bucket["name"])
-    return sorted(u["Key"] for u in out.get("Uploads", []))
-
-
 def _s3_storage(bucket: dict, endpoint: str | None = None, **kw: Any) -> Storage:
     opts = h.options(endpoint or bucket["endpoint"], **kw.pop("extra", {}))
     return Storage(f"s3://{bucket['name']}/root", opts, **kw)
@@ -87,7 +77,7 @@ def test_large_file_goes_up_in_parallel_parts_with_bounded_concurrency(s3_bucket
     assert st.read_bytes("big.bin") == data
     assert s3_proxy.count(h.is_part_upload) == 4          # 5 + 5 + 5 + 1.x MiB
     assert 1 <= s3_proxy.max_in_flight["part"] <= 2
-    assert _unfinished(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == []
 
 
 def test_small_file_is_a_single_put(s3_bucket, s3_proxy) -> None:
@@ -104,10 +94,10 @@ def test_failed_write_aborts_its_multipart_upload(s3_bucket) -> None:
     with pytest.raises(StorageError, match="boom"):
         with st.open_write("step-0000000001/__0_0.distcp") as f:
             f.write(os.urandom(11 * MiB))
-            assert _unfinished(s3_bucket) == ["root/step-0000000001/__0_0.distcp"]
+            assert h.unfinished_uploads(s3_bucket) == ["root/step-0000000001/__0_0.distcp"]
             raise RuntimeError("boom")
-    assert _unfinished(s3_bucket) == []
-    assert _keys(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == []
+    assert h.keys(s3_bucket) == []
 
 
 def test_s3fs_file_discard_aborts_its_multipart_upload(s3_bucket) -> None:
@@ -116,11 +106,11 @@ def test_s3fs_file_discard_aborts_its_multipart_upload(s3_bucket) -> None:
     f = st.fs.open(st.path("plain.bin"), "wb", block_size=5 * MiB)
     f.write(os.urandom(6 * MiB))
     f.flush()                                           # starts the multipart upload, sends a part
-    assert _unfinished(s3_bucket) == ["root/plain.bin"]
+    assert h.unfinished_uploads(s3_bucket) == ["root/plain.bin"]
     _discard(f)
     assert f.closed
     del f
-    assert _unfinished(s3_bucket) == [] and _keys(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == [] and h.keys(s3_bucket) == []
 
 
 def test_abort_uploads_aborts_only_under_its_root_and_prefix(s3_bucket) -> None:
@@ -130,7 +120,7 @@ def test_abort_uploads_aborts_only_under_its_root_and_prefix(s3_bucket) -> None:
         c.create_multipart_upload(Bucket=b, Key=key)
     st = _s3_storage(s3_bucket)
     assert st.abort_uploads("step-") == 2
-    assert _unfinished(s3_bucket) == ["root/releases/x", "root2/step-0000000001/a"]
+    assert h.unfinished_uploads(s3_bucket) == ["root/releases/x", "root2/step-0000000001/a"]
     assert Storage(f"{s3_bucket['name']}-nosuch", {}).abort_uploads() == 0   # local: nothing to do
 
 
@@ -176,7 +166,7 @@ def test_transient_errors_are_retried_with_backoff(s3_bucket, s3_proxy, caplog) 
     assert s3_proxy.faults_served == 4
     assert s3_proxy.count(h.is_part_upload) == 3 + 2
     assert "transient error on upload part" in caplog.text
-    assert _unfinished(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == []
 
 
 def test_retries_are_bounded_and_leave_nothing(s3_bucket, s3_proxy) -> None:
@@ -188,7 +178,7 @@ def test_retries_are_bounded_and_leave_nothing(s3_bucket, s3_proxy) -> None:
             f.write(os.urandom(6 * MiB))
     tries = s3_proxy.count(h.is_part_upload)       # 3 per part; the last part may never start
     assert tries in (3, 6), tries
-    assert _unfinished(s3_bucket) == [] and _keys(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == [] and h.keys(s3_bucket) == []
 
 
 def test_permanent_errors_are_not_retried(s3_bucket, s3_proxy) -> None:
@@ -246,7 +236,7 @@ def test_round_trip_and_bit_exact_resume_on_s3(s3_bucket) -> None:
     assert _train(model2, opt2, sched2, 3) == expected_losses       # RNG, optimizer, LR: exact
     for k, v in model2.state_dict().items():
         assert torch.equal(v, expected[k]), k
-    assert _unfinished(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == []
 
 
 def test_retention_on_s3_leaves_exactly_the_kept_prefixes(s3_bucket) -> None:
@@ -259,13 +249,13 @@ def test_retention_on_s3_leaves_exactly_the_kept_prefixes(s3_bucket) -> None:
             mgr.save(step, state).result(timeout=120)
         mgr.wait()
         assert [i.step for i in mgr.list()] == [4, 5]
-    keys = _keys(s3_bucket)
+    keys = h.keys(s3_bucket)
     assert {k.split("/")[1] for k in keys} == {"step-0000000004", "step-0000000005"}
     assert all(k.startswith("run/step-") for k in keys), keys      # no probe, no stray object
     for step in (4, 5):
         names = {k.rsplit("/", 1)[1] for k in keys if f"step-000000000{step}" in k}
         assert "manifest.json" in names and ".metadata" in names and len(names) >= 3
-    assert _unfinished(s3_bucket) == []
+    assert h.unfinished_uploads(s3_bucket) == []
 
 
 def test_a_restart_after_retention_finds_no_save_cut_short(s3_bucket, caplog) -> None:
@@ -312,8 +302,8 @@ def test_a_permanent_failure_leaves_nothing_visible(s3_bucket, s3_proxy, on_erro
         handle.result(timeout=120)
     assert ei.value.step == 2 and "PermissionError" in str(ei.value)
     assert mgr.list() == []
-    assert not any("step-0000000002/manifest.json" in k for k in _keys(s3_bucket))
-    assert _unfinished(s3_bucket) == []
+    assert not any("step-0000000002/manifest.json" in k for k in h.keys(s3_bucket))
+    assert h.unfinished_uploads(s3_bucket) == []
     if on_error == "raise":
         with pytest.raises(SaveError):
             mgr.wait()
@@ -322,7 +312,7 @@ def test_a_permanent_failure_leaves_nothing_visible(s3_bucket, s3_proxy, on_erro
     mgr.close()
     with CheckpointManager(_root(s3_bucket), storage_options=opts) as again:  # cleans up at start
         assert [i.step for i in again.list()] == [3]
-    assert not any("step-0000000002" in k for k in _keys(s3_bucket))   # leftovers cleaned
+    assert not any("step-0000000002" in k for k in h.keys(s3_bucket))   # leftovers cleaned
 
 
 def test_credentials_never_reach_logs_errors_or_manifests(s3_bucket, s3_proxy, caplog) -> None:
@@ -391,7 +381,7 @@ def test_a_wrong_secret_is_a_storage_error_that_never_shows_it(s3_bucket, s3_pro
     assert listed.value.op == "list"
     for text in texts:
         assert wrong not in text and h.SECRET not in text and h.KEY not in text
-    assert not _keys(s3_bucket), "nothing was written"
+    assert not h.keys(s3_bucket), "nothing was written"
 
 
 def test_error_messages_are_scrubbed_of_credentials() -> None:
@@ -462,9 +452,9 @@ def test_sigkill_during_uploads_leaves_only_checkpoints_that_restore(s3_bucket, 
                 assert digest == digests[restored], "restored state differs from the state saved"
             digests.update(run["saved"])
             if n == 0:
-                assert _unfinished(s3_bucket), "the kill should have left an unfinished upload"
+                assert h.unfinished_uploads(s3_bucket), "the kill should have left an unfinished upload"
             if n == 1:                           # shards of step 6 are there, its manifest is not
-                assert any("/step-0000000006/" in k for k in _keys(s3_bucket))
+                assert any("/step-0000000006/" in k for k in h.keys(s3_bucket))
                 assert [m.step for m in list_committed(Storage(_root(s3_bucket),
                                                                 s3_bucket["options"]))] == [2, 4]
             committed_before = 2 * (n + 1)
@@ -474,8 +464,8 @@ def test_sigkill_during_uploads_leaves_only_checkpoints_that_restore(s3_bucket, 
     model = h.child_model()
     with CheckpointManager(_root(s3_bucket), storage_options=s3_bucket["options"]) as mgr:
         assert [i.step for i in mgr.list()] == [2, 4, 6]
-        assert _unfinished(s3_bucket) == []                    # aborted on start
-        assert {k.split("/")[1] for k in _keys(s3_bucket, "run/")} - {".lease.json"} == \
+        assert h.unfinished_uploads(s3_bucket) == []                    # aborted on start
+        assert {k.split("/")[1] for k in h.keys(s3_bucket, "run/")} - {".lease.json"} == \
             {"step-0000000002", "step-0000000004", "step-0000000006"}
         for step in (2, 4, 6):
             assert mgr.restore(TrainState(model=model), step) == step
@@ -493,13 +483,13 @@ def test_a_root_with_glob_characters_never_touches_another_run(s3_bucket, name: 
     with CheckpointManager(other, storage_options=s3_bucket["options"]) as neighbour:
         neighbour.save(1, state, blocking=True)
         neighbour.save(2, state, blocking=True)
-        before = _keys(s3_bucket, "runs/exp1/")
+        before = h.keys(s3_bucket, "runs/exp1/")
         with CheckpointManager(odd, storage_options=s3_bucket["options"],
                                retention=Retention(keep_last=1)) as mgr:
             for step in (1, 2, 3, 4):
                 mgr.save(step, state, blocking=True)
             mgr.wait()  # retention of the last commit too
             assert [i.step for i in mgr.list()] == [3, 4]
-        assert _keys(s3_bucket, "runs/exp1/") == before  # lease included
+        assert h.keys(s3_bucket, "runs/exp1/") == before  # lease included
         assert [i.step for i in neighbour.list()] == [1, 2]
         neighbour.save(3, state, blocking=True)  # its lease is still its own

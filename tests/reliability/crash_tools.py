@@ -263,8 +263,7 @@ def copy_prefix(client: Any, bucket: str, src: str, dst: str) -> None:
 
 
 def unfinished_uploads(client: Any, bucket: str, prefix: str) -> list[str]:
-    out = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix + "/")
-    return [u["Key"] for u in out.get("Uploads", [])]
+    return h.unfinished_uploads({"client": client, "name": bucket}, prefix + "/")
 
 
 def build_base(root: str, options: dict[str, Any], steps: range, big: bool,

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 
@@ -106,17 +108,32 @@ class OutageProxy(h.FaultProxy):
 
 
 class Retries(logging.Handler):
-    """Counts asyncckpt's "transient error ... retrying" warnings; ``reached`` after ``n``."""
+    """Counts asyncckpt's "transient error on WHAT (attempt i/n) ...; retrying" warnings, one
+    per retry, keeping ``(what, i, n)`` of each; ``reached`` after ``n`` of them."""
 
     def __init__(self, n: int) -> None:
         super().__init__(logging.WARNING)
         self.n, self.count, self.reached = n, 0, threading.Event()
+        self.seen: list[tuple[str, int, int]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "transient error on" in record.getMessage():
+        m = re.match(r"transient error on (.+) \(attempt (\d+)/(\d+)\)", record.getMessage())
+        if m:
+            self.seen.append((m.group(1), int(m.group(2)), int(m.group(3))))
             self.count += 1
             if self.count >= self.n:
                 self.reached.set()
+
+
+class Sleeps:
+    """A Retry's ``sleep``: really sleeps, and keeps each delay."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        time.sleep(seconds)
 
 
 @pytest.fixture
@@ -157,16 +174,6 @@ def _part_2_of(step: int) -> h.Match:
     return lambda m, p: h.is_part_upload(m, p) and "partNumber=2" in p and f"/step-{step:010d}/" in p
 
 
-def _keys(bucket: dict, prefix: str) -> list[str]:
-    out = bucket["client"].list_objects_v2(Bucket=bucket["name"], Prefix=prefix)
-    return sorted(o["Key"] for o in out.get("Contents", []))
-
-
-def _unfinished(bucket: dict) -> list[str]:
-    out = bucket["client"].list_multipart_uploads(Bucket=bucket["name"])
-    return [u["Key"] for u in out.get("Uploads", [])]
-
-
 def _restores(mgr: CheckpointManager, step: int) -> bool:
     state = TrainState(model=_model(0))
     mgr.restore(state, step)
@@ -185,18 +192,26 @@ def test_a_save_through_a_short_outage_commits_after_retries(s3_bucket, outage, 
         info = handle.result(timeout=DEADLINE_S)
         assert info.step == 2 and [i.step for i in mgr.list()] == [1, 2]
         assert mgr.verify(2) == {2: []} and _restores(mgr, 2)
-        assert _unfinished(s3_bucket) == []
+        assert h.unfinished_uploads(s3_bucket) == []
     assert outage.refused_while_down >= 1 and retries.count >= 4
 
 
 def test_a_long_outage_fails_inside_its_retry_budget_and_leaves_nothing_visible(
         s3_bucket, outage, retries) -> None:
-    retry = Retry(attempts=4, base_delay_s=0.1, max_delay_s=0.4, deadline_s=10.0)
+    sleeps = Sleeps()
+    retry = Retry(attempts=4, base_delay_s=0.1, max_delay_s=0.4, deadline_s=10.0, sleep=sleeps)
     mgr = _manager(s3_bucket, outage, retry)
     mgr.save(1, TrainState(model=_model(1)), blocking=True)
     outage.fail_from(_part_2_of(2))
     with pytest.raises(SaveError) as failed:
         mgr.save(2, TrainState(model=_model(2)), blocking=True)  # never comes back meanwhile
+    # the budget: at most 4 tries of each call (3 retries), each delay within its cap, the
+    # delays of one call far inside its deadline
+    assert retries.seen and all(n == 4 and 1 <= i <= 3 for _, i, n in retries.seen), retries.seen
+    assert len(sleeps.delays) == len(retries.seen) and all(0.05 <= d <= 0.4 for d in sleeps.delays)
+    per_call = [sum(sleeps.delays[j] for j, (w, _, _) in enumerate(retries.seen) if w == what)
+                for what in {w for w, _, _ in retries.seen}]
+    assert max(per_call) <= 0.1 + 0.2 + 0.4, sleeps.delays
     text = str(failed.value)
     assert "save of step 2 failed" in text and "step-0000000002" in text, text
     assert h.KEY not in text and h.SECRET not in text
@@ -206,17 +221,21 @@ def test_a_long_outage_fails_inside_its_retry_budget_and_leaves_nothing_visible(
     mgr.close()
     with CheckpointManager(f"s3://{s3_bucket['name']}/run", storage_options=s3_bucket["options"]) as again:
         assert [i.step for i in again.list()] == [1, 3] and _restores(again, 3)
-        assert _unfinished(s3_bucket) == [], "a new start aborts what the failed save left"
-        assert {k.split("/")[1] for k in _keys(s3_bucket, "run/")} - {".lease.json"} == \
+        assert h.unfinished_uploads(s3_bucket) == [], "a new start aborts what the failed save left"
+        assert {k.split("/")[1] for k in h.keys(s3_bucket, "run/")} - {".lease.json"} == \
             {"step-0000000001", "step-0000000003"}
 
 
-def test_storage_retry_gives_up_on_a_dead_endpoint(s3_bucket, outage) -> None:
+def test_storage_retry_gives_up_on_a_dead_endpoint(s3_bucket, outage, retries) -> None:
     """The budget bounds attempts: a dead endpoint fails after ``attempts`` tries, not forever."""
+    sleeps = Sleeps()
     store = Storage(f"s3://{s3_bucket['name']}/x", h.options(outage.url, **h.NO_CLIENT_RETRIES),
-                    retry=Retry(attempts=3, base_delay_s=0.01, max_delay_s=0.02, deadline_s=5.0))
+                    retry=Retry(attempts=3, base_delay_s=0.01, max_delay_s=0.02, deadline_s=5.0,
+                                sleep=sleeps))
     store.list_dirs()  # connected
     outage.fail_from(lambda m, p: True)
     with pytest.raises(OSError) as failed:
         store.read_bytes("missing")
     assert "read s3://" in str(failed.value) and outage.down.is_set()
+    assert [(i, n) for _, i, n in retries.seen] == [(1, 3), (2, 3)]   # 3 tries: 2 retries, no more
+    assert len(sleeps.delays) == 2 and all(d <= 0.02 for d in sleeps.delays)

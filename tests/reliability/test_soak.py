@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+import helpers_s3 as h
 from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.storage import Storage, list_committed, uncommitted_steps
 
@@ -58,11 +59,6 @@ def _train_step(state: TrainState) -> float:
     loss.backward()
     opt.step()
     return loss.detach().item()
-
-
-def _unfinished(bucket: dict[str, Any]) -> list[str]:
-    out = bucket["client"].list_multipart_uploads(Bucket=bucket["name"])
-    return [u["Key"] for u in out.get("Uploads", [])]
 
 
 def _flat(samples: list[dict[str, int]]) -> dict[str, tuple[int, int]]:
@@ -117,7 +113,7 @@ def _soak(tmp_path: Path, saves: int, bucket: dict[str, Any] | None) -> None:
         assert [m.step for m in list_committed(store)] in (primary, mirrored)
     assert sorted(os.listdir(root)) == [f"step-{s:010d}" for s in primary], "stray files in the root"
     if bucket is not None:
-        assert _unfinished(bucket) == []
+        assert h.unfinished_uploads(bucket) == []
     else:
         assert sorted(os.listdir(burl)) == [f"step-{s:010d}" for s in mirrored]
 
