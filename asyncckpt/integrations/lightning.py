@@ -27,10 +27,21 @@ read by this plugin (or asyncckpt), not by ``torch.load``.
     trainer = Trainer(callbacks=[ckpt], enable_checkpointing=False)
     trainer.fit(model)  # resumes from the newest checkpoint under the root, if any
 
-It saves the LightningModule, the optimizers and LR schedulers, the RNGs and Lightning's
-fit-loop state (which holds a ``StatefulDataLoader``'s position), after an optimizer step
-when the schedule says so, and at the last step.  Resume happens in ``on_fit_start``; do
-not pass ``ckpt_path`` as well.  Other callbacks' state (EarlyStopping...) is not saved.
+To resume, run the same again (a new Trainer and callback on the same root; no
+``ckpt_path``).  A checkpoint holds the LightningModule, the optimizers and LR schedulers,
+each rank's RNG states and Lightning's fit-loop state (its progress counters and the train
+loaders' ``state_dict()``: a ``StatefulDataLoader``'s position and shuffle generator).  A
+step is saved where an uninterrupted run goes on from it: at ``on_train_batch_end``; after
+its validation run (``on_validation_end``) when one follows; at ``on_train_epoch_end`` for
+an epoch's last step.  Resume happens in ``on_fit_start`` (the loop state loaded as
+Lightning's ``restore_training_state`` loads it; from an epoch's end, the next epoch starts
+afresh with the loaders' saved state, where Lightning would drop it or restart into the
+finished epoch), the RNG states go back in ``on_train_start``, so the resumed run logs the
+same losses and ends with the same weights as an uninterrupted one, from any checkpoint
+(tested; docs/integrations.md compares with Lightning's own resume).  ``on_exception``
+closes the manager when ``fit`` raises, so a retry in the same process resumes.  Not
+saved: other callbacks' state (EarlyStopping...), ``on_save_checkpoint`` additions, the
+precision plugin's state (an AMP GradScaler).
 """
 
 from __future__ import annotations
@@ -42,16 +53,19 @@ import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 try:
     import lightning.pytorch as pl
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.pytorch.loops.loop import _Loop
 except ImportError:  # pragma: no cover - exercised where only pytorch_lightning is installed
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
         from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
+        from pytorch_lightning.loops.loop import _Loop  # type: ignore[no-redef]
     except ImportError as e:
         raise ImportError("asyncckpt.integrations.lightning needs Lightning: "
                           "pip install lightning (or pytorch-lightning)") from e
@@ -228,8 +242,13 @@ class AsyncCheckpoint(pl.Callback):
 
     ``root`` and ``manager_options`` are ``CheckpointManager``'s (``retention``,
     ``schedule``, ``backup``...); the manager is made in ``setup`` (after the process
-    group exists) and closed in ``teardown`` (``self.manager``).  ``resume=False``
-    starts fresh even when the root has checkpoints.
+    group exists) and closed in ``teardown``, or in ``on_exception`` when ``fit`` raises
+    (``self.manager``; None between fits).  ``resume=False`` starts fresh even when the
+    root has checkpoints.  One instance may serve several ``fit`` calls in turn.
+
+    Where a step is saved (see the module doc): at ``on_train_batch_end``; after the
+    step's validation run (``on_validation_end``) when one follows; at
+    ``on_train_epoch_end`` for an epoch's last step.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, resume: bool = True,
@@ -238,10 +257,16 @@ class AsyncCheckpoint(pl.Callback):
         self.resume = resume
         self.manager_options = manager_options
         self.manager: CheckpointManager | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """The per-fit state."""
         self.restored_step = 0
         self._extra: dict[str, Any] = {}
         self._rng: dict[str, Any] | None = None
+        self._loader_states: list[Any] | None = None
         self._last_step = -1
+        self._pending: _Pending | None = None
 
     def _state(self, trainer: Any, pl_module: Any) -> TrainState:
         opts = {f"optimizer{i or ''}": o for i, o in enumerate(trainer.optimizers)}
@@ -249,8 +274,10 @@ class AsyncCheckpoint(pl.Callback):
         return TrainState(model=pl_module, optimizer=opts or None, scheduler=scheds or None,
                           extra=self._extra)
 
+    # -- set up, resume ----------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self.manager is None:
+            self._reset()
             self.manager = CheckpointManager(self.root, **self.manager_options)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -259,18 +286,47 @@ class AsyncCheckpoint(pl.Callback):
             return
         self.restored_step = self.manager.restore(self._state(trainer, pl_module))
         loops = self._extra.get("lightning_loops")
-        if self.restored_step and loops is not None:
-            trainer.fit_loop.load_state_dict(loops)
-            # Lightning draws from the RNGs while it sets up the data; put back the saved
-            # states just before the first batch, where an uninterrupted run would be.
-            self._rng = capture_rng()
-            self._last_step = trainer.global_step
-            log.info("step=%d: resumed from %s", self.restored_step, self.root)
+        if not (self.restored_step and loops is not None):
+            return
+        fit_loop = trainer.fit_loop
+        fit_loop.load_state_dict(loops)  # what Lightning's restore_training_state does
+        if _epoch_done(loops):
+            # Saved at an epoch's end.  Lightning resumes such a state by starting the next
+            # epoch, but with max_epochs it drops the loaders' states (a new loader: its
+            # shuffle starts over) and with max_steps it "restarts" into the finished epoch.
+            # Start the next epoch as an uninterrupted run does: no restart, the loaders'
+            # states loaded (on_train_start) before Lightning's iter() for the epoch.
+            _Loop.restarting.fset(fit_loop, False)
+            fit_loop._resuming_from_checkpoint = False  # Lightning makes the epoch's iterator
+            self._loader_states = fit_loop._combined_loader_states_to_load
+            fit_loop._combined_loader_states_to_load = []
+        # Lightning draws from the RNGs while it sets up the data (a new loader seeds its
+        # sampler); the saved states go back when training starts (on_train_start).
+        self._rng = capture_rng()
+        self._last_step = trainer.global_step
+        log.info("step=%d: resumed from %s", self.restored_step, self.root)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        combined = trainer.fit_loop._combined_loader
+        if self._loader_states and combined is not None:
+            combined._load_state_dicts(self._loader_states)
+            for loader in combined.flattened:
+                if callable(getattr(loader, "load_state_dict", None)):
+                    # Finish the loaded epoch now, before the RNGs go back (an iterator draws
+                    # a seed): its sampler's shuffle generator (or a StatefulDistributedSampler's
+                    # pending "yielded") is then where the uninterrupted run had it, and the
+                    # epoch's own iter() starts the next epoch.  An epoch that
+                    # ended at limit_train_batches gives one more batch here, unused.
+                    next(iter(loader), None)
+        self._loader_states = None
         if self._rng is not None:
             restore_rng(self._rng)
             self._rng = None
+
+    # -- save --------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:  # a validation run was expected but none came
+            self._flush(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -282,22 +338,95 @@ class AsyncCheckpoint(pl.Callback):
         final = (trainer.max_steps not in (-1, None) and step >= trainer.max_steps) or (
             last_batch and trainer.max_epochs not in (-1, None)
             and trainer.current_epoch + 1 >= trainer.max_epochs)
-        self._save(trainer, pl_module, step, epoch_end=last_batch, force=final)
+        if last_batch:  # saved at on_train_epoch_end, after the epoch's validation and end
+            self._pending = _Pending(step, epoch_end=True, force=final)
+        elif _validation_follows(trainer):  # saved at on_validation_end
+            self._pending = _Pending(step, epoch_end=False, force=final,
+                                     loops=trainer.fit_loop.state_dict())
+        else:
+            self._save(trainer, pl_module, step, epoch_end=False, force=final)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        pending = self._pending
+        if pending is not None and not pending.epoch_end and not trainer.sanity_checking:
+            pending.loops = None  # the state now: the validation run is done
+            self._flush(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._pending is not None:
+            self._flush(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.manager is not None:  # the last step, if the schedule skipped it (early stop)
+            if self._pending is not None:
+                self._flush(trainer, pl_module)
             self._save(trainer, pl_module, trainer.global_step, epoch_end=False, force=True)
             self.manager.wait()
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self.manager is not None:
-            manager, self.manager = self.manager, None
-            manager.close()
+    # -- close -------------------------------------------------------------------------
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """``fit`` raised: close the manager (its pending saves commit; its lease on the root
+        is released), so that a new ``fit`` in this process can resume."""
+        self._close(raise_errors=False, reason=exception)
 
-    def _save(self, trainer: Any, pl_module: Any, step: int, *, epoch_end: bool, force: bool) -> None:
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._close(raise_errors=True)
+
+    def _close(self, *, raise_errors: bool, reason: BaseException | None = None) -> None:
+        manager, self.manager = self.manager, None
+        self._pending = self._rng = self._loader_states = None
+        if manager is None:
+            return
+        try:
+            manager.close()
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.error("closing the checkpoint manager of %s after %s: %s", self.root,
+                      type(reason).__name__, e)
+
+    def _flush(self, trainer: Any, pl_module: Any) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        self._save(trainer, pl_module, pending.step, epoch_end=pending.epoch_end,
+                   force=pending.force, loops=pending.loops)
+
+    def _save(self, trainer: Any, pl_module: Any, step: int, *, epoch_end: bool, force: bool,
+              loops: dict[str, Any] | None = None) -> None:
         assert self.manager is not None
-        self._extra["lightning_loops"] = trainer.fit_loop.state_dict()
+        self._extra["lightning_loops"] = loops or trainer.fit_loop.state_dict()
         metrics = {k: v for k, v in trainer.callback_metrics.items()
                    if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
         self.manager.maybe_save(step, self._state(trainer, pl_module), metrics=metrics,
                                 epoch=trainer.current_epoch, epoch_end=epoch_end, force=force)
+
+
+@dataclass
+class _Pending:
+    """A step whose save waits for its validation run or its epoch's end."""
+
+    step: int
+    epoch_end: bool
+    force: bool
+    loops: dict[str, Any] | None = None
+    """The fit loop's state at the step's ``on_train_batch_end``: saved if the validation
+    run expected does not come (an empty validation set)."""
+
+
+def _epoch_done(loops: Mapping[str, Any]) -> bool:
+    """Whether a fit-loop state was saved after its epoch's training part ended."""
+    total = loops.get("epoch_progress", {}).get("total", {})
+    return bool(total.get("started")) and total.get("processed") == total.get("started")
+
+
+def _validation_follows(trainer: Any) -> bool:
+    """Whether Lightning runs validation right after this training batch (its own test, at
+    ``on_train_batch_end``); False with a time-based ``val_check_interval``."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return False
+    fit_loop = trainer.fit_loop
+    try:
+        return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+    except (AttributeError, TypeError):  # pragma: no cover - another Lightning's internals
+        return False
