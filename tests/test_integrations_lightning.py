@@ -13,8 +13,10 @@ import sys
 import pytest
 import torch
 
-pl = pytest.importorskip("lightning.pytorch")
-pytest.importorskip("torchdata.stateful_dataloader")
+
+from helpers_deps import need
+pl = need("lightning.pytorch")
+need("torchdata.stateful_dataloader")
 
 from helpers_lightning import (CASES, MODES, Crash, Tiny, TinyVal, fit, losses,  # noqa: E402
                                reference, same_weights, stop_and_resume)
@@ -209,7 +211,7 @@ def test_checkpoint_io_plugin_resume_matches_an_uninterrupted_run(tmp_path, unin
 def test_checkpoint_io_plugin_on_s3_resumes_from_an_explicit_url(s3_bucket, monkeypatch, uninterrupted):
     """ModelCheckpoint's own fsspec calls (ls, exists, rm) reach the S3 server through
     AWS_ENDPOINT_URL; the plugin writes through its storage_options."""
-    pytest.importorskip("s3fs")
+    need("s3fs")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket["endpoint"])
     dirpath = f"s3://{s3_bucket['name']}/lightning"
     io_ = AsyncCkptIO(storage_options=s3_bucket["options"])
