@@ -25,7 +25,8 @@ from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.release import CARD_NAME
 from asyncckpt.storage import Storage, list_committed
 from helpers.checkpoints import committed_steps
-from helpers.procs import asyncckpt, spawn
+from helpers.procs import asyncckpt, finish, spawn
+from helpers.training import train_steps
 
 CHILD = textwrap.dedent('''
     import sys
@@ -69,17 +70,6 @@ def _child(script: Path, root: Path, out: Path, mode: str, stop: int, kill_at: i
     return spawn(script, root, out, mode, stop, kill_at, stdin=subprocess.PIPE)
 
 
-def _finish(proc: subprocess.Popen, what: str) -> str:
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        pytest.fail(f"run {what} did not finish in 180s:\n{output}")
-    assert proc.returncode == 0, f"run {what} failed:\n{output}"
-    return output
-
-
 def _kill_at(proc: subprocess.Popen, line: str) -> list[str]:
     """Read the child's lines until ``line``, then SIGKILL it (synchronised on its message)."""
     seen = []
@@ -98,7 +88,7 @@ def test_rollback_crash_and_resume_continues_the_new_branch_bit_exactly(tmp_path
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     root, ref = tmp_path / "ckpt", tmp_path / "ref"
-    _finish(_child(script, root, tmp_path / "first.pt", "first", 400), "first")
+    finish(_child(script, root, tmp_path / "first.pt", "first", 400), "first")
     assert committed_steps(root) == [100, 200, 300, 400]
     old = {m.step: m for m in list_committed(Storage(root))}
     shutil.copytree(root, ref)
@@ -107,7 +97,7 @@ def test_rollback_crash_and_resume_continues_the_new_branch_bit_exactly(tmp_path
     crashed = _child(script, root, tmp_path / "crash.pt", "rollback", 400, kill_at=330)
     lines = _kill_at(crashed, "AT 330")
     assert crashed.returncode == -signal.SIGKILL and "RESUMED 200" in lines
-    _finish(reference, "reference")
+    finish(reference, "reference")
 
     new = {m.step: m for m in list_committed(Storage(root))}
     assert sorted(new) == [100, 200, 250, 300]
@@ -116,7 +106,7 @@ def test_rollback_crash_and_resume_continues_the_new_branch_bit_exactly(tmp_path
     assert [(a.step, a.branch, a.from_step) for a in list_abandoned(Storage(root))] == \
         [(300, old[400].branch, 200), (400, old[400].branch, 200)]
 
-    out = _finish(_child(script, root, tmp_path / "resumed.pt", "resume", 400), "resume")
+    out = finish(_child(script, root, tmp_path / "resumed.pt", "resume", 400), "resume")
     assert "RESUMED 300" in out  # the new branch's 300, not the abandoned 400
     resumed, expected = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("resumed", "ref"))
     assert resumed["params"].keys() == expected["params"].keys()
@@ -148,26 +138,16 @@ def _state(seed: int = 0) -> TrainState:
     return TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
 
 
-def _train(mgr: CheckpointManager, state: TrainState, start: int, stop: int) -> None:
-    model, opt = state.models["model"], state.optimizers["optimizer"]
-    for step in range(start, stop):
-        torch.manual_seed(step)
-        opt.zero_grad()
-        model(torch.randn(4, 8)).pow(2).mean().backward()
-        opt.step()
-        mgr.maybe_save(step + 1, state, metrics={"loss": float(step)})
-
-
 def _first_run(root: Path, stop: int = 400, **kw: object) -> None:
     with CheckpointManager(root, schedule=Schedule(every_n_steps=100), **kw) as mgr:
-        _train(mgr, _state(), 0, stop)
+        train_steps(mgr, _state(), 0, stop)
 
 
 def _rollback(root: Path, to: int, stop: int, **kw: object) -> None:
     state = _state()
     with CheckpointManager(root, schedule=Schedule(every_n_steps=50), **kw) as mgr:
         assert mgr.restore(state, to) == to
-        _train(mgr, state, to, stop)
+        train_steps(mgr, state, to, stop)
 
 
 def test_retention_keeps_the_current_branch_and_retires_abandoned_ones_later(tmp_path: Path) -> None:
@@ -180,7 +160,7 @@ def test_retention_keeps_the_current_branch_and_retires_abandoned_ones_later(tmp
     with CheckpointManager(root, schedule=Schedule(every_n_steps=50), retention=Retention(keep_last=2)) as mgr:
         assert mgr.restore(state) == 300
         assert [i.step for i in mgr.list()] == [250, 300]
-        _train(mgr, state, 300, 500)
+        train_steps(mgr, state, 300, 500)
     assert committed_steps(root) == [450, 500]
     assert list_abandoned(Storage(root)) == []  # as old as what keep_last let go: removed
 
@@ -283,7 +263,7 @@ def test_the_backup_drops_its_copies_of_the_abandoned_branch(tmp_path: Path) -> 
     with CheckpointManager(root, schedule=Schedule(every_n_steps=100), backup=str(backup)) as mgr:
         state = _state()
         for stop in (100, 200, 300, 400):
-            _train(mgr, state, stop - 100, stop)
+            train_steps(mgr, state, stop - 100, stop)
             mgr.wait()  # each one mirrored
     assert committed_steps(backup) == [100, 200, 300, 400]
     _rollback(root, 200, 250, backup=str(backup))

@@ -12,20 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from fsspec.implementations.local import LocalFileSystem
-from torch import nn
 
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.cli import main
 from asyncckpt.manifest import MANIFEST_NAME
 from asyncckpt.storage import MARKER_NAME
 from helpers.checkpoints import step_folders
+from helpers.training import small_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def _model(step: int) -> nn.Module:
-    torch.manual_seed(step)
-    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
 
 
 @pytest.fixture
@@ -36,7 +31,7 @@ def root(tmp_path):
     with CheckpointManager(path) as mgr:
         for step, loss in zip(range(1, 6), (5.0, 1.0, 4.0, 2.0, 3.0)):
             tags = {2: ["epoch_end"], 3: ["milestone:1.0B"]}.get(step, [])
-            mgr.save(step, TrainState(model=_model(step)), metrics={"loss": loss}, tags=tags,
+            mgr.save(step, TrainState(model=small_model(step)), metrics={"loss": loss}, tags=tags,
                      blocking=True)
         mgr.release(4, version="1.0.0")
     return path
@@ -63,7 +58,7 @@ def test_list_shows_manifest_release_and_best_tags(root, capsys):
 def test_list_table_and_json_show_step_epoch_time_size_tags_metrics(tmp_path, capsys):
     path = tmp_path / "ckpt"
     with CheckpointManager(path) as mgr:
-        mgr.save(7, TrainState(model=_model(7)), metrics={"loss": 0.125, "acc": 0.5}, epoch=2,
+        mgr.save(7, TrainState(model=small_model(7)), metrics={"loss": 0.125, "acc": 0.5}, epoch=2,
                  tags=["user:x"], blocking=True)
         (info,) = mgr.list()
     code, out, _ = _run(capsys, "list", path, "--json")
@@ -155,7 +150,7 @@ def test_export_writes_the_weights_of_one_step(root, tmp_path, capsys, fmt, dtyp
     assert "exported step 3: 4 tensors" in text
     loaded = load_file(str(out)) if fmt == "safetensors" else torch.load(out, weights_only=True)
     cast = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    for k, v in _model(3).state_dict().items():
+    for k, v in small_model(3).state_dict().items():
         expected = v if cast is None else v.to(cast)
         assert torch.equal(loaded[k], expected), k
 
@@ -166,7 +161,7 @@ def test_export_latest_by_default_and_refuses_to_overwrite(root, tmp_path, capsy
     code, _, err = _run(capsys, "export", root, "--step", "2", out)
     assert code == 2 and "already exists; pass --force" in err
     assert _run(capsys, "export", root, "--step", "2", "--force", out)[0] == 0
-    assert torch.equal(load_file(str(out))["0.weight"], _model(2)[0].weight.detach())
+    assert torch.equal(load_file(str(out))["0.weight"], small_model(2)[0].weight.detach())
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -273,6 +273,15 @@ def test_torchtitan_entries_not_restored_are_reported(tmp_path):
     assert "rank_0/rng" in report.missing
 
 
+def _continues_as_the_original(model, opt, sched, at_save, after) -> None:
+    """The restored state is the original's at its save, and steps 3 and 4 from it give the
+    original's weights after them: the moments, step counts and LR came back too."""
+    assert same_tensors(_weights(model), at_save)
+    for i in range(3, 5):
+        _step(model, opt, sched, i)
+    assert same_tensors(_weights(model), after)
+
+
 @pytest.mark.parametrize("save", LAYOUTS, ids=lambda f: f.__name__)
 def test_a_run_can_start_from_a_foreign_checkpoint(tmp_path, save):
     source, at_save, after = _original(tmp_path, save)
@@ -281,10 +290,7 @@ def test_a_run_can_start_from_a_foreign_checkpoint(tmp_path, save):
     with CheckpointManager(tmp_path / "run", **kw) as mgr:
         assert mgr.restore(TrainState(model=model, optimizer=opt, scheduler=sched)) == 0
         assert mgr.last_restore_report.loaded == ["model/model", "optim/optimizer", "scheduler"]
-    assert same_tensors(_weights(model), at_save)
-    for i in range(3, 5):
-        _step(model, opt, sched, i)
-    assert same_tensors(_weights(model), after)
+    _continues_as_the_original(model, opt, sched, at_save, after)
 
 
 def test_torchtitan_root_restores_its_newest_step(tmp_path):
@@ -404,10 +410,7 @@ def test_real_torchtitan_output_restores_and_continues_bit_exactly(tmp_path):
                            tmp_path / "titan" / "checkpoint")
         assert mgr.last_restore_report.loaded == ["model/model", "optim/optimizer", "scheduler"]
     assert step == 3
-    assert same_tensors(_weights(model), at_save)
-    for i in range(3, 5):
-        _step(model, opt, sched, i)
-    assert same_tensors(_weights(model), after)
+    _continues_as_the_original(model, opt, sched, at_save, after)
 
 
 def test_an_asyncckpt_root_is_never_read_as_a_torchtitan_root(tmp_path):

@@ -23,11 +23,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.errors import AsyncCkptError
 from asyncckpt.manifest import MANIFEST_NAME, seal
+from helpers.training import adam_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -36,14 +36,7 @@ FAST, SLOW = 40, 600
 
 
 def _state(seed: int) -> TrainState:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
-    return TrainState(model=model, optimizer=opt, scheduler=sched,
-                      extra={"seed": seed, "hist": [float(seed)] * 5})
+    return adam_state(seed, extra={"seed": seed, "hist": [float(seed)] * 5})
 
 
 def _snapshot(state: TrainState) -> dict[str, Any]:

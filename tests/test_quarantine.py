@@ -22,6 +22,7 @@ from asyncckpt.retention import Retention as PureRetention
 from asyncckpt.storage import Storage
 from helpers.checkpoints import flip_byte, shard_of, step_folder, step_folders
 from helpers.procs import asyncckpt
+from helpers.training import train_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -32,23 +33,13 @@ def _state() -> TrainState:
     return TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def _train(mgr: CheckpointManager, state: TrainState, start: int, stop: int) -> None:
-    model, opt = state.models["model"], state.optimizers["optimizer"]
-    for step in range(start, stop):
-        torch.manual_seed(step)
-        opt.zero_grad()
-        model(torch.randn(4, 8)).pow(2).mean().backward()
-        opt.step()
-        mgr.maybe_save(step + 1, state, metrics={"loss": float(step)})
-
-
 def _run(root: Path, mgr_kw: dict, start: int, stop: int) -> int:
     """One run of the training job: restore, train to ``stop``, close; returns the resumed step."""
     state = _state()
     with CheckpointManager(root, schedule=Schedule(every_n_steps=100), **mgr_kw) as mgr:
         resumed = mgr.restore(state)
         assert start == -1 or resumed == start
-        _train(mgr, state, resumed, stop)
+        train_steps(mgr, state, resumed, stop)
     return resumed
 
 
@@ -121,15 +112,15 @@ def test_background_retention_quarantines_a_truncated_slot_holder_and_keeps_a_wh
     state = _state()
     with CheckpointManager(root, schedule=Schedule(every_n_steps=100),
                            retention=Retention(keep_last=2)) as mgr:
-        _train(mgr, state, 0, 200)
+        train_steps(mgr, state, 0, 200)
         mgr.wait()
         shard = shard_of(step_folder(root, 200))
         shard.write_bytes(shard.read_bytes()[:-1])
-        _train(mgr, state, 200, 300)
+        train_steps(mgr, state, 200, 300)
         mgr.wait()
         assert step_folders(root, with_manifest=True) == [100, 300]  # not [200, 300]: 200 is damaged
         assert [q.step for q in list_quarantined(mgr.storage)] == [200]
-        _train(mgr, state, 300, 500)
+        train_steps(mgr, state, 300, 500)
         mgr.wait()
         # 200 is now older than keep_last=2 committed checkpoints: removed like any old one
         assert step_folders(root, with_manifest=True) == [400, 500]

@@ -14,10 +14,9 @@ from __future__ import annotations
 import subprocess
 import textwrap
 
-import pytest
 import torch
 
-from helpers.procs import spawn
+from helpers.procs import finish, spawn
 
 TRAIN = textwrap.dedent('''
     import random
@@ -86,25 +85,15 @@ def _run(script, *args: object) -> subprocess.Popen:
     return spawn(script, *args)
 
 
-def _finish(proc: subprocess.Popen, what: str) -> None:
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        pytest.fail(f"run {what} did not finish in 120s:\n{output}")
-    assert proc.returncode == 0, f"run {what} failed:\n{output}"
-
-
 def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     out_a, out_b, out_c = (tmp_path / f"{n}.pt" for n in "abc")
 
     run_a = _run(script, tmp_path / "ckpt-a", out_a, 20, "plain")   # independent: runs alongside B
-    _finish(_run(script, tmp_path / "ckpt", out_b, 10, "save"), "B")
-    _finish(_run(script, tmp_path / "ckpt", out_c, 20, "resume"), "C")
-    _finish(run_a, "A")
+    finish(_run(script, tmp_path / "ckpt", out_b, 10, "save"), "B")
+    finish(_run(script, tmp_path / "ckpt", out_c, 20, "resume"), "C")
+    finish(run_a, "A")
 
     a, b, c = (torch.load(p, weights_only=True) for p in (out_a, out_b, out_c))
     assert c["restored_from"] == 10

@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -33,6 +32,7 @@ from asyncckpt.dcp_io import METADATA_NAME, load_metadata
 from asyncckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from helpers_crafting import replace_item as _replace_item, rewrite_file as _rewrite
 from helpers.checkpoints import assert_same_tensors
+from helpers.training import adam_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -70,14 +70,8 @@ PAYLOADS: dict[str, Callable[[str], object]] = {"os.system": Shell, "builtins.ex
 
 
 def _state(seed: int, *, rng: bool = True) -> TrainState:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2))
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 8)).sum().backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5)
-    return TrainState(model=model, optimizer=opt, scheduler=sched if rng else None,
-                      extra={"seed": seed} if rng else {}, rng=rng)
+    return adam_state(seed, (8, 16, 2), step_size=5, scheduler=rng, extra={"seed": seed} if rng else {},
+                      rng=rng)
 
 
 @pytest.fixture(scope="module", params=["zstd", None], ids=["zstd", "plain"])

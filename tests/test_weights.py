@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import asyncckpt
@@ -14,14 +13,10 @@ from asyncckpt import CheckpointManager, TrainState
 from asyncckpt.errors import (CheckpointNotFoundError, ConfigError, IntegrityError,
                               StateMismatchError)
 from helpers.checkpoints import same_tensors
+from helpers.training import small_model
 from test_foreign import Tiny, _run, _step, _weights, save_torchtitan
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def _nets(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
 
 
 @pytest.fixture
@@ -30,7 +25,7 @@ def root(tmp_path):
     models = {}
     with CheckpointManager(tmp_path / "run") as mgr:
         for step, loss in ((10, 0.5), (20, 0.2), (30, 0.4)):
-            models[step] = _nets(step)
+            models[step] = small_model(step)
             mgr.save(step, TrainState(model=models[step]), metrics={"loss": loss}).result(timeout=120)
     return tmp_path / "run", models
 
@@ -68,7 +63,7 @@ def test_best_follows_the_ranking_the_run_recorded(tmp_path):
     with CheckpointManager(tmp_path / "run", retention=asyncckpt.Retention(
             keep_last=3, best_metric="acc", best_mode="max", keep_best=1)) as mgr:
         for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7)):
-            models[step] = _nets(step)
+            models[step] = small_model(step)
             mgr.save(step, TrainState(model=models[step]), metrics={"acc": acc}).result(timeout=120)
     assert same_tensors(asyncckpt.load_weights(tmp_path / "run", "best"), models[20])
     assert same_tensors(asyncckpt.load_weights(tmp_path / "run", "best:acc"), models[20])  # its mode: max
@@ -85,7 +80,7 @@ def test_checksums_are_verified(root):
 
 
 def test_one_model_of_several_by_name(tmp_path):
-    enc, dec = _nets(1), _nets(2)
+    enc, dec = small_model(1), small_model(2)
     with CheckpointManager(tmp_path / "run") as mgr:
         mgr.save(1, TrainState(model={"enc": enc, "dec": dec})).result(timeout=120)
     assert same_tensors(asyncckpt.load_weights(tmp_path / "run", model_name="dec"), dec)

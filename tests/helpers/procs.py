@@ -39,3 +39,18 @@ def spawn(*args: object, env: dict[str, str] | None = None, **kw: Any) -> subpro
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.STDOUT)
     return subprocess.Popen([sys.executable, *map(str, args)], text=True, env=child_env(env), **kw)
+
+
+def finish(proc: subprocess.Popen[str], what: str, timeout_s: float = 180) -> str:
+    """Wait for a ``spawn``ed child to end well; its output.  Past the deadline it is killed
+    and the test fails with what it printed; a non-zero exit fails the test too."""
+    import pytest
+
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"run {what} did not finish in {timeout_s:.0f}s:\n{output}")
+    assert proc.returncode == 0, f"run {what} failed:\n{output}"
+    return output
