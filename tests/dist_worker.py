@@ -30,9 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import asyncckpt.manager
 from asyncckpt import CheckpointManager, Retention, TrainState
 from asyncckpt.errors import ConfigError, SaveError
+from asyncckpt.storage import list_committed
 
 log = logging.getLogger("dist_worker")
 
@@ -187,14 +187,15 @@ def main2(out: dict[str, Any], folder: Path) -> None:
         mgr.wait()  # retention runs on rank 0 after the commit; wait() lines every rank up
         out["listed"] = [i.step for i in mgr.list()]
         out["retention_deletes_logged"] = sum("deleted by retention" in m for m in records.messages)
-        # D. "latest": rank 1's listing is stale (sees nothing); rank 0 decides for everyone
-        real = asyncckpt.manager.list_committed
+        # D. "latest": rank 1's listing is stale (its filesystem lists the root as empty);
+        # rank 0 decides for everyone
         if rank == 1:
-            asyncckpt.manager.list_committed = lambda storage: []
+            faulty.hide_listing(root)
+        out["own_listing"] = [m.step for m in list_committed(mgr.storage)]
         train_step(model, opt, seed=5)
         out["latest"] = mgr.restore(state)
         out["latest_diff"] = max_diff(full_state(model, opt), expected_4)
-        asyncckpt.manager.list_committed = real
+        faulty.show_listing()
         # exact RNG and loader restore when the world size matches
         torch.rand(10)
         out["restored_2"] = mgr.restore(state, 2)

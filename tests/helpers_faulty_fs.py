@@ -10,7 +10,8 @@ Every ``write()`` on a file opened for writing is counted, across threads.
 ``fail_on_write(n)`` makes the n-th write from then on raise ``OSError``
 (later writes succeed); ``pause()`` makes writes wait until ``release()``,
 and sets ``paused`` once a writer is waiting, so a test can synchronise on it
-instead of sleeping.  ``on_read`` runs a function just before a chosen file is read.
+instead of sleeping.  ``on_read`` runs a function just before a chosen file is read;
+``hide_listing(folder)`` makes that folder list as empty (a stale view of it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FaultyFS(LocalFileSystem):
     gate: threading.Event | None = None
     paused = threading.Event()
     lock = threading.Lock()
+    hidden: str | None = None
+    """A folder whose listings come back empty (``hide_listing``)."""
     on_read: tuple[str, Any] | None = None
     """``(substring, fn)``: ``fn()`` runs once, just before the first file whose path
     contains ``substring`` is opened for reading (an interleaving placed without sleeps)."""
@@ -69,6 +72,12 @@ class FaultyFS(LocalFileSystem):
             hook[1]()  # runs in the reader's thread, before the file is opened
         f = super()._open(path, mode, **kwargs)
         return _FaultyFile(f, type(self)) if any(c in mode for c in "wax") else f
+
+    def ls(self, path: str, detail: bool = False, **kwargs: Any) -> Any:
+        hidden = type(self).hidden
+        if hidden is not None and self._strip_protocol(path).rstrip("/") == hidden:
+            return []  # a stale listing: this folder looks empty
+        return super().ls(path, detail=detail, **kwargs)
 
     # -- control (class-level: fsspec caches instances) ---------------------------
     @classmethod
@@ -85,6 +94,15 @@ class FaultyFS(LocalFileSystem):
         """Raise OSError on the n-th write counted from now (1-based)."""
         with cls.lock:
             cls.writes, cls.fail_at, cls.failures = 0, n, 0
+
+    @classmethod
+    def hide_listing(cls, folder: Any) -> None:
+        """Listings of ``folder`` come back empty (as from a lagging replica) until ``show_listing``."""
+        cls.hidden = str(folder).rstrip("/")
+
+    @classmethod
+    def show_listing(cls) -> None:
+        cls.hidden = None
 
     @classmethod
     def disarm(cls) -> None:
@@ -124,6 +142,7 @@ def new_faulty_fs() -> type[FaultyFS]:
     cls = type(f"FaultyFS_{name}", (FaultyFS,), {
         "protocol": (name, "file"), "writes": 0, "fail_at": None, "failures": 0,
         "gate": None, "paused": threading.Event(), "lock": threading.Lock(), "on_read": None,
+        "hidden": None,
     })
     fsspec.register_implementation(name, cls, clobber=True)
     return cls

@@ -160,7 +160,9 @@ def test_retention_runs_on_rank_0_only(runs: dict[str, Any]) -> None:
 
 @pytest.mark.dist
 def test_all_ranks_restore_the_latest_rank_0_chose(runs: dict[str, Any]) -> None:
-    # rank 1's listing was made stale (empty); it still restores what rank 0 picked
+    # rank 1's filesystem lists the root as empty (a stale view); it still restores what rank 0 picked
+    rank0, rank1 = runs["main2"]
+    assert rank0["own_listing"] == rank0["listed"] == [2, 4] and rank1["own_listing"] == []
     for r in runs["main2"]:
         assert r["latest"] == 4
         assert r["latest_diff"] == 0.0
