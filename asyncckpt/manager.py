@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import _dist, branches, foreign, restore as _restore
+from . import _dist, _threads, branches, foreign, restore as _restore
 from .codec import CodecOptions
 from .config import ManagerOptions, decode_yaml, load_yaml_text, options_from_dict
 from .errors import (
@@ -109,6 +109,7 @@ _live: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
 
 
 def _drain_at_exit() -> None:
+    _threads.exiting.set()  # from here on, saves are written without new threads
     for mgr in list(_live):
         try:
             mgr.close()
